@@ -1,0 +1,34 @@
+"""receding-jax: Receding Neuron Importances for structured pruning (Suteu & Guo, 2022) in JAX/Flax.
+
+The library (norm, penalties, importances) depends only on jax, flax and optax.
+"""
+
+from receding_jax.importances import importance_summary, neuron_importances
+from receding_jax.norm import BoundedScaleNorm
+from receding_jax.penalties import (
+    add_l1_penalty,
+    add_polarization_penalty,
+    add_receding_penalty,
+    l1_penalty,
+    polarization_penalty,
+    project_to_interval,
+    receding_penalty,
+)
+from receding_jax.selection import batch_norm_scale_mask, bounded_logit_mask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BoundedScaleNorm",
+    "add_l1_penalty",
+    "add_polarization_penalty",
+    "add_receding_penalty",
+    "batch_norm_scale_mask",
+    "bounded_logit_mask",
+    "importance_summary",
+    "l1_penalty",
+    "neuron_importances",
+    "polarization_penalty",
+    "project_to_interval",
+    "receding_penalty",
+]

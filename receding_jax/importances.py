@@ -1,0 +1,71 @@
+"""Per-channel neuron importances of every norm layer, and the summary that training logs.
+
+Importance is what the pruner ranks channels by: sigmoid(logit) for a `BoundedScaleNorm` (always in
+(0, 1)), |gamma| for a BatchNorm (unbounded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from receding_jax.norm import bounded_scale
+from receding_jax.selection import (
+    PyTree,
+    batch_norm_scale_mask,
+    bounded_logit_mask,
+    path_names,
+)
+
+
+def neuron_importances(variables: PyTree) -> dict[str, jax.Array]:
+  """Importances of every norm layer, keyed by the module's path ('stage1/block0/norm1').
+
+  Args:
+    variables: a Flax variables dict ({'params': ..., 'batch_stats': ...}); with ``batch_stats``
+      present, BatchNorm layers are identified exactly (see `selection.batch_norm_scale_mask`).
+
+  Returns:
+    A dict path -> float32 array of shape [channels]: sigmoid(logit) for bounded norms, |scale| for
+    BatchNorms, in jax's pytree order of the parameters (dict keys sorted).
+  """
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    raise TypeError(
+        f"neuron_importances expects Flax variables with a 'params' entry, got {type(variables).__name__}"
+    )
+  params = variables["params"]
+  logits = jax.tree.leaves(bounded_logit_mask(params))
+  scales = jax.tree.leaves(batch_norm_scale_mask(variables))
+  out = {}
+  for (path, leaf), is_logit, is_scale in zip(
+      jax.tree_util.tree_leaves_with_path(params), logits, scales, strict=True
+  ):
+    module = "/".join(path_names(path)[:-1])
+    if is_logit:
+      out[module] = bounded_scale(jnp.asarray(leaf, jnp.float32))
+    elif is_scale:
+      out[module] = jnp.abs(jnp.asarray(leaf, jnp.float32))
+  return out
+
+
+def importance_summary(
+    importances: Mapping[str, jax.Array], low: float = 0.05, high: float = 0.5
+) -> dict[str, float]:
+  """Share of all importances below `low` (receded) and above `high` (kept), plus count and mean.
+
+  Bimodality, the method's signature, shows as large shares at both ends. Returns plain floats, keyed
+  'fraction_below_<low>', 'fraction_above_<high>', 'count', 'mean'.
+  """
+  if not low <= high:
+    raise ValueError(f"importance_summary needs low <= high, got low={low!r}, high={high!r}")
+  values = np.concatenate([np.ravel(np.asarray(v, np.float32)) for v in importances.values()] or [[]])
+  n = values.size
+  return {
+      f"fraction_below_{low:g}": float(np.mean(values < low)) if n else 0.0,
+      f"fraction_above_{high:g}": float(np.mean(values > high)) if n else 0.0,
+      "count": float(n),
+      "mean": float(values.mean()) if n else 0.0,
+  }
