@@ -1,6 +1,7 @@
 """receding-jax: Receding Neuron Importances for structured pruning (Suteu & Guo, 2022) in JAX/Flax.
 
-The library (norm, penalties, importances) depends only on jax, flax and optax.
+The library (norm, penalties, importances, models, pruning) depends only on jax, flax and optax;
+the training loop (input pipeline, checkpointing, train, main) builds on it.
 """
 
 from receding_jax.importances import importance_summary, neuron_importances
@@ -14,6 +15,7 @@ from receding_jax.penalties import (
     project_to_interval,
     receding_penalty,
 )
+from receding_jax.pruning import channel_masks, count_flops, count_params, prune_params
 from receding_jax.selection import batch_norm_scale_mask, bounded_logit_mask
 
 __version__ = "0.1.0"
@@ -25,10 +27,14 @@ __all__ = [
     "add_receding_penalty",
     "batch_norm_scale_mask",
     "bounded_logit_mask",
+    "channel_masks",
+    "count_flops",
+    "count_params",
     "importance_summary",
     "l1_penalty",
     "neuron_importances",
     "polarization_penalty",
     "project_to_interval",
+    "prune_params",
     "receding_penalty",
 ]

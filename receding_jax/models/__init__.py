@@ -1,0 +1,96 @@
+"""The model zoo: Flax Linen networks parametrised by explicit per-layer widths, norm chosen by name.
+
+A pruned network is the same class built with narrower widths, so checkpoints of pruned models restore
+into `get_model(name, ..., widths=...)` / `inner_widths=...` without any other change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+
+from receding_jax.models.layers import NORM_KINDS, check_norm_kind
+from receding_jax.models.resnet import BasicBlock, Bottleneck, CifarResNet, ResNet
+from receding_jax.models.vgg import VGG16_WIDTHS, CifarVGG, ImageNetVGG
+
+
+def _scaled(widths, multiplier: float) -> tuple[int, ...]:
+  return tuple(max(1, round(w * multiplier)) for w in widths)
+
+
+def _cifar_vgg16(num_classes, norm, width_multiplier=1.0, **kw):
+  kw.setdefault("widths", _scaled(VGG16_WIDTHS, width_multiplier))
+  return CifarVGG(num_classes=num_classes, norm=norm, **kw)
+
+
+def _vgg16(num_classes, norm, width_multiplier=1.0, **kw):
+  kw.setdefault("widths", _scaled(VGG16_WIDTHS, width_multiplier))
+  return ImageNetVGG(num_classes=num_classes, norm=norm, **kw)
+
+
+def _cifar_resnet(depth: int) -> Callable[..., nn.Module]:
+  def build(num_classes, norm, width_multiplier=1.0, **kw):
+    kw.setdefault("stage_widths", _scaled((16, 32, 64), width_multiplier))
+    return CifarResNet(blocks_per_stage=(depth - 2) // 6, num_classes=num_classes, norm=norm, **kw)
+
+  return build
+
+
+def _resnet50(num_classes, norm, width_multiplier=1.0, **kw):
+  kw.setdefault("stage_widths", _scaled((64, 128, 256, 512), width_multiplier))
+  return ResNet(num_classes=num_classes, norm=norm, **kw)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "cifar_vgg16": _cifar_vgg16,
+    "cifar_resnet20": _cifar_resnet(20),
+    "cifar_resnet56": _cifar_resnet(56),
+    "cifar_resnet110": _cifar_resnet(110),
+    "resnet50": _resnet50,
+    "vgg16": _vgg16,
+}
+
+
+def get_model(name: str, num_classes: int, norm: str = "bounded", **overrides: Any) -> nn.Module:
+  """Builds a zoo model by name.
+
+  Args:
+    name: one of MODELS ('cifar_vgg16', 'cifar_resnet20/56/110', 'resnet50', 'vgg16').
+    num_classes: classifier outputs.
+    norm: 'bounded' (BoundedScaleNorm) or 'batch' (flax BatchNorm).
+    **overrides: model attributes (e.g. ``widths`` for VGG, ``inner_widths``/``stage_widths`` for
+      ResNets, ``batch_norm_scale_init``), or ``width_multiplier`` to scale the default widths.
+  """
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+  check_norm_kind(norm)
+  if not isinstance(num_classes, int) or num_classes < 1:
+    raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+  try:
+    return MODELS[name](num_classes, norm, **overrides)
+  except TypeError as e:
+    raise ValueError(f"bad overrides {sorted(overrides)} for model {name!r}: {e}") from None
+
+
+def model_from_spec(spec: dict[str, Any]) -> nn.Module:
+  """Rebuilds a model from a JSON-able spec {'name', 'num_classes', 'norm', 'overrides'}."""
+  unknown = sorted(set(spec) - {"name", "num_classes", "norm", "overrides"})
+  if unknown or "name" not in spec or "num_classes" not in spec:
+    raise ValueError(f"a model spec needs 'name' and 'num_classes' (and may have 'norm', 'overrides'); got {spec}")
+  return get_model(spec["name"], spec["num_classes"], spec.get("norm", "bounded"), **spec.get("overrides", {}))
+
+
+__all__ = [
+    "MODELS",
+    "NORM_KINDS",
+    "BasicBlock",
+    "Bottleneck",
+    "CifarResNet",
+    "CifarVGG",
+    "ImageNetVGG",
+    "ResNet",
+    "get_model",
+    "model_from_spec",
+]

@@ -1,0 +1,70 @@
+"""Building blocks shared by the model zoo: initialisers and the norm chosen by name."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import flax.linen as nn
+import jax
+
+from receding_jax.norm import BoundedScaleNorm
+
+NormKind = Literal["bounded", "batch"]
+NORM_KINDS = ("bounded", "batch")
+
+#: Conv kernels ~ Normal(0, sqrt(2 / (k * k * out_channels))) (He, fan-out), METHOD.md section 4.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+#: Dense kernels ~ Normal(0, 0.01), biases 0.
+dense_kernel_init = nn.initializers.normal(stddev=0.01)
+
+
+def check_norm_kind(norm: str) -> None:
+  """Raises ValueError naming `norm` unless it is one of NORM_KINDS."""
+  if norm not in NORM_KINDS:
+    raise ValueError(f"norm must be one of {NORM_KINDS}, got {norm!r}")
+
+
+def make_norm(norm: NormKind, train: bool, name: str, batch_norm_scale_init: float = 1.0) -> nn.Module:
+  """The norm layer by kind: 'bounded' = BoundedScaleNorm, 'batch' = flax BatchNorm (gamma init given).
+
+  Both use PyTorch's momentum 0.1 (Flax 0.9) and epsilon 1e-5, so either trains like the reference.
+  """
+  check_norm_kind(norm)
+  if norm == "bounded":
+    return BoundedScaleNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+  return nn.BatchNorm(
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      scale_init=nn.initializers.constant(batch_norm_scale_init),
+      name=name,
+  )
+
+
+def conv(features: int, kernel: int, stride: int = 1, use_bias: bool = False, name: str | None = None) -> nn.Conv:
+  """A square convolution with PyTorch-style symmetric padding k // 2 and the method's init."""
+  pad = kernel // 2
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding=((pad, pad), (pad, pad)),
+      use_bias=use_bias,
+      kernel_init=conv_kernel_init,
+      name=name,
+  )
+
+
+def dense(features: int, name: str | None = None) -> nn.Dense:
+  """A dense layer with Normal(0, 0.01) kernel and zero bias."""
+  return nn.Dense(features, kernel_init=dense_kernel_init, name=name)
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max-pool with stride 2 on [batch, H, W, C], written as reshape + max.
+
+  Same values as `nn.max_pool(x, (2, 2), (2, 2))` (H and W even), but its gradient avoids XLA's
+  select-and-scatter, which is several times slower on CPU.
+  """
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))

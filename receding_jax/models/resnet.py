@@ -1,0 +1,157 @@
+"""ResNets: the CIFAR family with basic blocks and option-A shortcuts, and ImageNet ResNet-50.
+
+Only the channels inside a residual block are prunable (METHOD.md section 6), so every block's inner
+widths are explicit attributes and the residual stream keeps its width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from receding_jax.models.layers import NormKind, conv, dense, make_norm
+
+
+def option_a_shortcut(x: jax.Array, out_channels: int, stride: int) -> jax.Array:
+  """Parameter-free shortcut: subsample by `stride`, zero-pad channels equally on both sides."""
+  if stride != 1:
+    x = x[:, ::stride, ::stride, :]
+  extra = out_channels - x.shape[-1]
+  if extra:
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+  return x
+
+
+class BasicBlock(nn.Module):
+  """conv3x3(inner) -> norm1 -> ReLU -> conv3x3(out) -> norm2, plus option-A shortcut, then ReLU."""
+
+  inner: int
+  out: int
+  stride: int
+  norm: NormKind
+  batch_norm_scale_init: float = 1.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    y = conv(self.inner, 3, self.stride, name="conv1")(x)
+    y = nn.relu(make_norm(self.norm, train, "norm1", self.batch_norm_scale_init)(y))
+    y = conv(self.out, 3, name="conv2")(y)
+    y = make_norm(self.norm, train, "norm2", self.batch_norm_scale_init)(y)
+    return nn.relu(y + option_a_shortcut(x, self.out, self.stride))
+
+
+class CifarResNet(nn.Module):
+  """ResNet-(6n+2) for 32x32 inputs: stem conv3x3 + norm, 3 stages of n basic blocks, mean-pool, dense.
+
+  Follows the reference: no ReLU after the stem norm. Modules: stem_conv, stem_norm,
+  stage{s}_block{b}/{conv1,norm1,conv2,norm2}, classifier.
+
+  Attributes:
+    blocks_per_stage: n (9 for ResNet-56, 3 for ResNet-20, 18 for ResNet-110).
+    stage_widths: residual-stream width of each stage.
+    inner_widths: conv1 output width of every block, stage-major (None: the stage width); pruning
+      narrows these.
+  """
+
+  blocks_per_stage: int = 9
+  num_classes: int = 10
+  norm: NormKind = "bounded"
+  stage_widths: Sequence[int] = (16, 32, 64)
+  inner_widths: Sequence[int] | None = None
+  batch_norm_scale_init: float = 1.0
+  input_shape: ClassVar[tuple[int, int, int]] = (32, 32, 3)
+
+  @property
+  def widths(self) -> tuple[int, ...]:
+    """The prunable widths: one inner width per block."""
+    if self.inner_widths is not None:
+      return tuple(self.inner_widths)
+    return tuple(w for w in self.stage_widths for _ in range(self.blocks_per_stage))
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """[batch, 32, 32, 3] images -> [batch, num_classes] logits."""
+    inner = iter(self.widths)
+    x = conv(self.stage_widths[0], 3, name="stem_conv")(x)
+    x = make_norm(self.norm, train, "stem_norm", self.batch_norm_scale_init)(x)
+    for s, width in enumerate(self.stage_widths):
+      for b in range(self.blocks_per_stage):
+        stride = 2 if s > 0 and b == 0 else 1
+        block = BasicBlock(next(inner), width, stride, self.norm, self.batch_norm_scale_init, name=f"stage{s}_block{b}")
+        x = block(x, train)
+    return dense(self.num_classes, name="classifier")(x.mean(axis=(1, 2)))
+
+
+class Bottleneck(nn.Module):
+  """conv1x1(inner1)-norm1-ReLU-conv3x3/stride(inner2)-norm2-ReLU-conv1x1(out)-norm3, + shortcut, ReLU.
+
+  The shortcut is a strided conv1x1 + norm ('proj_conv', 'proj_norm') when the shape changes
+  (torchvision's ResNet v1.5: the stride sits on the 3x3 convolution).
+  """
+
+  inner1: int
+  inner2: int
+  out: int
+  stride: int
+  norm: NormKind
+  batch_norm_scale_init: float = 1.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def norm(name):
+      return make_norm(self.norm, train, name, self.batch_norm_scale_init)
+
+    y = nn.relu(norm("norm1")(conv(self.inner1, 1, name="conv1")(x)))
+    y = nn.relu(norm("norm2")(conv(self.inner2, 3, self.stride, name="conv2")(y)))
+    y = norm("norm3")(conv(self.out, 1, name="conv3")(y))
+    if self.stride != 1 or x.shape[-1] != self.out:
+      x = norm("proj_norm")(conv(self.out, 1, self.stride, name="proj_conv")(x))
+    return nn.relu(y + x)
+
+
+class ResNet(nn.Module):
+  """ImageNet ResNet with bottleneck blocks (ResNet-50 by default), torchvision layout, 224x224 inputs.
+
+  Modules: stem_conv (7x7/2), stem_norm, 3x3/2 max-pool, stage{s}_block{b}, classifier.
+
+  Attributes:
+    stage_sizes: blocks per stage ((3, 4, 6, 3) for ResNet-50).
+    stage_widths: inner width of each stage before pruning; the block output is 4x that.
+    inner_widths: (inner1, inner2) of every block, flattened stage-major (None: stage widths).
+  """
+
+  stage_sizes: Sequence[int] = (3, 4, 6, 3)
+  num_classes: int = 1000
+  norm: NormKind = "bounded"
+  stage_widths: Sequence[int] = (64, 128, 256, 512)
+  inner_widths: Sequence[int] | None = None
+  expansion: int = 4
+  batch_norm_scale_init: float = 1.0
+  input_shape: ClassVar[tuple[int, int, int]] = (224, 224, 3)
+
+  @property
+  def widths(self) -> tuple[int, ...]:
+    """The prunable widths: (inner1, inner2) of every block, flattened."""
+    if self.inner_widths is not None:
+      return tuple(self.inner_widths)
+    return tuple(w for w, n in zip(self.stage_widths, self.stage_sizes, strict=True) for _ in range(2 * n))
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """[batch, 224, 224, 3] images -> [batch, num_classes] logits."""
+    inner = iter(self.widths)
+    x = conv(self.stage_widths[0], 7, 2, name="stem_conv")(x)
+    x = nn.relu(make_norm(self.norm, train, "stem_norm", self.batch_norm_scale_init)(x))
+    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    for s, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths, strict=True)):
+      for b in range(size):
+        stride = 2 if s > 0 and b == 0 else 1
+        x = Bottleneck(
+            next(inner), next(inner), width * self.expansion, stride, self.norm, self.batch_norm_scale_init,
+            name=f"stage{s}_block{b}",
+        )(x, train)
+    return dense(self.num_classes, name="classifier")(x.mean(axis=(1, 2)))

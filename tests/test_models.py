@@ -1,0 +1,91 @@
+"""The model zoo: shapes, parameter counts of the standard sizes, init, norms by name."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from receding_jax import pruning
+from receding_jax.models import CifarResNet, get_model, model_from_spec
+from receding_jax.models.layers import max_pool_2x2
+from receding_jax.models.resnet import option_a_shortcut
+
+
+@pytest.mark.parametrize(
+    "name, num_classes, params",
+    [
+        ("cifar_vgg16", 10, 14_728_266),  # 13 conv(+bias) + 13 x (scale, bias) + dense: torch's count
+        ("cifar_resnet20", 10, 269_722),  # He et al. option A: 0.27M
+        ("cifar_resnet56", 10, 853_018),
+        ("cifar_resnet110", 100, 1_733_812),
+        ("resnet50", 1000, 25_557_032),
+        ("vgg16", 1000, 138_365_992),
+    ],
+)
+def test_full_size_parameter_counts_match_the_standard_batch_norm_models(name, num_classes, params):
+  model = get_model(name, num_classes, norm="batch")
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *model.input_shape))))
+  assert pruning.count_params(variables) == params
+
+
+def test_bounded_models_have_no_norm_bias_and_one_logit_per_channel():
+  model = get_model("cifar_resnet20", 10, norm="bounded", width_multiplier=0.25)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  block = variables["params"]["stage1_block0"]
+  assert set(block["norm1"]) == {"scale_logit"}
+  assert block["norm1"]["scale_logit"].shape == (8,)
+  assert variables["batch_stats"]["stage1_block0"]["norm1"]["mean"].shape == (8,)
+
+
+def test_init_follows_the_method():
+  model = get_model("cifar_vgg16", 10, norm="batch", batch_norm_scale_init=0.5, width_multiplier=0.5)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  kernel = params["conv8"]["kernel"]  # 3x3x128x256
+  np.testing.assert_allclose(float(kernel.std()), np.sqrt(2.0 / (9 * 256)), rtol=0.02)
+  np.testing.assert_array_equal(params["conv8"]["bias"], 0.0)
+  np.testing.assert_allclose(float(params["classifier"]["kernel"].std()), 0.01, rtol=0.1)
+  np.testing.assert_array_equal(params["norm3"]["scale"], 0.5)
+
+
+@pytest.mark.parametrize("name", ["cifar_vgg16", "cifar_resnet20"])
+def test_train_mode_updates_batch_stats_and_gives_logits(name):
+  model = get_model(name, 7, width_multiplier=0.125)
+  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+  variables = jax.jit(model.init)(jax.random.key(1), x)
+  logits, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
+  assert logits.shape == (4, 7) and bool(jnp.all(jnp.isfinite(logits)))
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), updates["batch_stats"], variables["batch_stats"])
+  assert min(jax.tree.leaves(moved)) > 0
+
+
+def test_option_a_shortcut_subsamples_and_pads_zero_channels_on_both_sides():
+  x = jnp.arange(2 * 4 * 4 * 4, dtype=jnp.float32).reshape(2, 4, 4, 4)
+  y = option_a_shortcut(x, 8, 2)
+  assert y.shape == (2, 2, 2, 8)
+  np.testing.assert_array_equal(y[..., 2:6], x[:, ::2, ::2, :])
+  np.testing.assert_array_equal(y[..., :2], 0.0)
+  np.testing.assert_array_equal(y[..., 6:], 0.0)
+
+
+def test_max_pool_reshape_matches_flax_max_pool_and_its_gradient():
+  import flax.linen as nn
+
+  x = jax.random.normal(jax.random.key(0), (2, 8, 6, 3))
+  np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), (2, 2)))
+  g = jax.grad(lambda x: jnp.sum(max_pool_2x2(x) ** 2))(x)
+  g_ref = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), (2, 2)) ** 2))(x)
+  np.testing.assert_allclose(g, g_ref)
+
+
+def test_model_spec_round_trip_and_bad_names():
+  spec = {"name": "cifar_resnet20", "num_classes": 10, "norm": "batch", "overrides": {"inner_widths": [3] * 9}}
+  model = model_from_spec(spec)
+  assert isinstance(model, CifarResNet) and model.widths == (3,) * 9 and model.norm == "batch"
+  with pytest.raises(ValueError, match="'resnet7'"):
+    get_model("resnet7", 10)
+  with pytest.raises(ValueError, match="'layer'"):
+    get_model("cifar_vgg16", 10, norm="layer")
+  with pytest.raises(ValueError, match="depth"):
+    get_model("cifar_vgg16", 10, depth=3)
+  with pytest.raises(ValueError, match="extra"):
+    model_from_spec({"name": "cifar_vgg16", "num_classes": 10, "extra": 1})

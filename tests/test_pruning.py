@@ -1,0 +1,293 @@
+"""prune_params: exactness on receded channels, scopes, counts, composition, bad input, checkpoints."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from receding_jax import checkpointing, prune_params, pruning
+from receding_jax.models import get_model, model_from_spec
+from receding_jax.prune_checkpoint import format_report, prune_checkpoint
+
+SMALL = {
+    "cifar_vgg16": {"width_multiplier": 0.125},
+    "cifar_resnet20": {"width_multiplier": 0.5},
+    "cifar_resnet56": {"width_multiplier": 0.5},
+    "resnet50": {"width_multiplier": 0.0625},
+    "vgg16": {"width_multiplier": 0.0625, "hidden": 32},
+}
+
+
+def trained_looking(model, seed=0):
+  """Variables with random logits/scales, biases and non-trivial running statistics (numpy)."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *model.input_shape))))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, spec):
+    name = path[-1].key
+    if name == "var":
+      return rng.uniform(0.5, 2.0, spec.shape).astype(np.float32)
+    if name == "kernel":
+      fan_in = int(np.prod(spec.shape[:-1]))
+      return (rng.normal(size=spec.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+    return rng.normal(0.0, 1.0, spec.shape).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def recede(model, variables, seed=1):
+  """Drives the importance of a random ~40% of each group's channels to exactly zero (logit -1e4, or
+  gamma = beta = 0); returns the new variables and the masks of the channels left alive."""
+  rng = np.random.default_rng(seed)
+  arch = pruning.describe(model)
+  variables = jax.tree.map(np.copy, variables)
+  alive = {}
+  for group, width in zip(arch.groups, arch.widths, strict=True):
+    mask = rng.uniform(size=width) > 0.4
+    mask[rng.integers(width)] = True
+    node = variables["params"]
+    for name in group.norm:
+      node = node[name]
+    if "scale_logit" in node:
+      node["scale_logit"][~mask] = -1e4
+    else:
+      node["scale"][~mask] = 0.0
+      node["bias"][~mask] = 0.0
+    alive[group.name] = mask
+  return variables, alive
+
+
+# Every architecture with bounded norms; the CIFAR ones with BatchNorm too (ImageNet slicing is the same).
+EXACTNESS_CASES = [(name, "bounded") for name in SMALL] + [(n, "batch") for n in SMALL if n.startswith("cifar")]
+
+
+@pytest.mark.parametrize("name, norm", EXACTNESS_CASES)
+def test_pruning_receded_channels_keeps_the_eval_logits(name, norm):
+  model = get_model(name, 10, norm=norm, **SMALL[name])
+  variables, alive = recede(model, trained_looking(model))
+  masks = pruning.channel_masks(model, variables, threshold=0.0, min_channels=1)
+  assert {k: v.tolist() for k, v in masks.items()} == {k: v.tolist() for k, v in alive.items()}
+  narrow_model, narrow_variables = prune_params(model, variables, masks=masks)
+  assert pruning.describe(narrow_model).widths == tuple(int(m.sum()) for m in alive.values())
+  x = jax.random.normal(jax.random.key(0), (2, *model.input_shape))
+  expected = model.apply(variables, x)
+  got = narrow_model.apply(narrow_variables, x)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * float(jnp.abs(expected).max()))
+  assert pruning.count_params(narrow_variables) < pruning.count_params(variables)
+
+
+def test_global_scope_uses_one_threshold_and_local_scope_one_per_layer():
+  model = get_model("cifar_vgg16", 10, width_multiplier=0.25)
+  variables = trained_looking(model)
+  variables["params"]["norm2"]["scale_logit"] -= 10.0  # One layer far less important than the rest.
+  imps = pruning.group_importances(model, variables)
+  glob = pruning.channel_masks(model, variables, 0.3, scope="global")
+  local = pruning.channel_masks(model, variables, 0.3, scope="local")
+  assert glob["norm2"].sum() == 3  # Emptied down to min_channels by the global threshold.
+  threshold = np.quantile(np.concatenate(list(imps.values())), 0.3)
+  for name, mask in glob.items():
+    if name != "norm2":
+      np.testing.assert_array_equal(mask, imps[name] > threshold)
+  for name, mask in local.items():
+    np.testing.assert_array_equal(mask, imps[name] > np.quantile(imps[name], 0.3))
+    assert abs(mask.mean() - 0.7) < 0.15
+
+
+def test_min_channels_is_respected_in_every_layer_and_keeps_the_most_important():
+  model = get_model("cifar_resnet20", 10, width_multiplier=0.5)
+  variables = trained_looking(model)
+  imps = pruning.group_importances(model, variables)
+  masks = pruning.channel_masks(model, variables, 0.95, min_channels=3)
+  for name, mask in masks.items():
+    assert mask.sum() >= 3
+    if mask.sum() == 3:
+      assert set(np.flatnonzero(mask)) == set(np.argsort(-imps[name])[:3])
+
+
+def test_ratio_zero_returns_the_same_architecture_and_variables():
+  model = get_model("cifar_resnet20", 10, width_multiplier=0.5)
+  variables = trained_looking(model)
+  narrow_model, narrow_variables = prune_params(model, variables, 0.0)
+  assert narrow_model.widths == model.widths
+  jax.tree.map(np.testing.assert_array_equal, narrow_variables, variables)
+
+
+def test_pruning_twice_composes_into_one_pruning():
+  model = get_model("cifar_vgg16", 10, width_multiplier=0.25)
+  variables = trained_looking(model)
+  first = pruning.channel_masks(model, variables, 0.3)
+  mid_model, mid_variables = prune_params(model, variables, masks=first)
+  second = pruning.channel_masks(mid_model, mid_variables, 0.4)
+  twice_model, twice_variables = prune_params(mid_model, mid_variables, masks=second)
+  combined = {}
+  for name, mask in first.items():
+    combined[name] = mask.copy()
+    combined[name][np.flatnonzero(mask)] = second[name]
+  once_model, once_variables = prune_params(model, variables, masks=combined)
+  assert once_model.widths == twice_model.widths
+  jax.tree.map(np.testing.assert_array_equal, once_variables, twice_variables)
+
+
+@pytest.mark.parametrize("name", ["cifar_vgg16", "cifar_resnet56"])
+@pytest.mark.parametrize("ratio", [0.5, 0.9])
+def test_full_size_widths_and_counts_after_pruning(name, ratio):
+  model = get_model(name, 10)
+  variables = trained_looking(model)
+  narrow_model, narrow_variables = prune_params(model, variables, ratio)
+  widths, narrow_widths = pruning.describe(model).widths, pruning.describe(narrow_model).widths
+  kept = sum(narrow_widths) / sum(widths)
+  assert abs(kept - (1 - ratio)) < 0.01 + 3 * len(widths) / sum(widths)  # min_channels may add a few.
+  assert min(narrow_widths) >= 3
+  # Counts from the sliced variables agree with the narrow architecture built from scratch.
+  rebuilt = jax.eval_shape(lambda: narrow_model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  assert pruning.count_params(narrow_variables) == pruning.count_params(rebuilt)
+  flops, narrow_flops = pruning.count_flops(model), pruning.count_flops(narrow_model)
+  masks = pruning.channel_masks(model, variables, ratio)
+  assert pruning.flop_model(model)(masks) == narrow_flops
+  if name == "cifar_vgg16":  # Every conv loses inputs and outputs: FLOPs fall about as kept^2.
+    assert kept**2 * 0.8 < narrow_flops / flops < kept
+  else:  # Only the inner width of each block: FLOPs fall linearly with kept channels.
+    assert abs(narrow_flops / flops - kept) < 0.05
+
+
+def test_flop_reduction_target_is_reached_with_the_smallest_ratio():
+  model = get_model("cifar_vgg16", 10, width_multiplier=0.25)
+  variables = trained_looking(model)
+  flops = pruning.flop_model(model)
+  full = pruning.count_flops(model)
+  masks = pruning.channel_masks(model, variables, flop_reduction=0.6)
+  assert flops(masks) <= 0.4 * full
+  looser = pruning.channel_masks(model, variables, flop_reduction=0.55)
+  assert flops(looser) > flops(masks)
+  with pytest.raises(ValueError, match="impossible"):
+    pruning.channel_masks(model, variables, flop_reduction=0.99, min_channels=3)
+
+
+def test_optimizer_state_is_sliced_like_the_params():
+  model = get_model("cifar_resnet20", 10, width_multiplier=0.5)
+  variables = trained_looking(model)
+  tx = optax.sgd(0.1, momentum=0.9)
+  state = tx.init(variables["params"])
+  state = jax.tree.map(lambda x: x + 1.0, state)  # Non-zero momentum.
+  masks = pruning.channel_masks(model, variables, 0.5)
+  _, narrow_variables = prune_params(model, variables, masks=masks)
+  narrow_state = pruning.prune_params_like(state, model, variables["params"], masks)
+  trace = narrow_state[0].trace
+  assert jax.tree.structure(trace) == jax.tree.structure(narrow_variables["params"])
+  jax.tree.map(lambda t, p: np.testing.assert_array_equal(np.shape(t), np.shape(p)), trace, narrow_variables["params"])
+  kept = np.flatnonzero(masks["stage0_block0/norm1"])
+  np.testing.assert_array_equal(
+      trace["stage0_block0"]["conv1"]["kernel"],
+      np.asarray(state[0].trace["stage0_block0"]["conv1"]["kernel"])[..., kept],
+  )
+  tx.update(trace, tx.init(narrow_variables["params"]))  # The sliced state fits the narrow params.
+
+
+def test_numpy_in_numpy_out_and_jax_in_jax_out():
+  model = get_model("cifar_resnet20", 10, width_multiplier=0.5)
+  variables = trained_looking(model)
+  _, out = prune_params(model, variables, 0.5)
+  assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(out))
+  _, out = prune_params(model, jax.tree.map(jnp.asarray, variables), 0.5)
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(out))
+
+
+def test_bad_input_is_refused_with_the_value_named():
+  model = get_model("cifar_resnet20", 10, width_multiplier=0.5)
+  variables = trained_looking(model)
+  for ratio in (-0.1, 1.0, 1.5):
+    with pytest.raises(ValueError, match=str(ratio)):
+      prune_params(model, variables, ratio)
+  with pytest.raises(ValueError, match="exactly one"):
+    pruning.channel_masks(model, variables, 0.5, threshold=0.1)
+  with pytest.raises(ValueError, match="'sideways'"):
+    prune_params(model, variables, 0.5, scope="sideways")
+  with pytest.raises(ValueError, match="min_channels"):
+    prune_params(model, variables, 0.5, min_channels=0)
+  name = "stage0_block0/norm1"
+  with pytest.raises(ValueError, match=r"shape \(5,\).*8 channels"):
+    prune_params(model, variables, masks={name: np.ones(5, bool)})
+  with pytest.raises(ValueError, match="zero channels"):
+    prune_params(model, variables, masks={name: np.zeros(8, bool)})
+  with pytest.raises(ValueError, match="'nope'"):
+    prune_params(model, variables, masks={"nope": np.ones(8, bool)})
+  with pytest.raises(ValueError, match="either masks"):
+    prune_params(model, variables, 0.5, masks={name: np.ones(8, bool)})
+  other = trained_looking(get_model("cifar_resnet56", 10, width_multiplier=0.5))
+  with pytest.raises(ValueError, match="stage0_block3"):
+    prune_params(model, other, 0.5)
+  vgg = trained_looking(get_model("cifar_vgg16", 10, width_multiplier=0.125))
+  with pytest.raises(ValueError, match="lack"):
+    prune_params(model, vgg, 0.5)
+  wider = trained_looking(get_model("cifar_resnet20", 10))
+  with pytest.raises(ValueError, match="shape"):
+    prune_params(model, wider, 0.5)
+
+
+def _save_run(directory, model, spec, variables, steps=(1, 2)):
+  manager = checkpointing.make_manager(directory)
+  for step in steps:
+    checkpointing.save(manager, step, {**variables, "step": np.int64(step)}, spec)
+  return manager
+
+
+def test_command_line_pruning_of_a_checkpoint_restores_and_evaluates_without_the_original(tmp_path, capsys):
+  spec = {"name": "cifar_vgg16", "num_classes": 10, "norm": "bounded", "overrides": {"width_multiplier": 0.125}}
+  model = model_from_spec(spec)
+  variables, alive = recede(model, trained_looking(model))
+  _save_run(tmp_path / "run", model, spec, variables)
+  from receding_jax.prune_checkpoint import main
+
+  main(["--checkpoint_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "pruned"), "--threshold", "0.0",
+        "--min_channels", "1"])
+  printed = capsys.readouterr().out
+  assert "| parameters |" in printed and "FLOPs" in printed
+  report = json.loads((tmp_path / "pruned" / "pruning_report.json").read_text())
+  assert report["widths_after"] == [int(m.sum()) for m in alive.values()]
+  assert report["source_step"] == 2 and report["params_after"] < report["params_before"]
+
+  state, narrow_spec = checkpointing.restore(checkpointing.make_manager(tmp_path / "pruned", create=False))
+  narrow_model = model_from_spec(narrow_spec)
+  assert list(narrow_model.widths) == report["widths_after"]
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  narrow = narrow_model.apply({"params": state["params"], "batch_stats": state["batch_stats"]}, x)
+  np.testing.assert_allclose(narrow, model.apply(variables, x), rtol=1e-4, atol=1e-5)
+  assert pruning.count_flops(narrow_model) == report["flops_after"]
+
+
+def test_checkpoint_pruning_refuses_bad_input_before_writing(tmp_path):
+  spec = {"name": "cifar_resnet20", "num_classes": 10, "overrides": {"width_multiplier": 0.5}}
+  model = model_from_spec(spec)
+  _save_run(tmp_path / "run", model, spec, trained_looking(model), steps=(3,))
+  (tmp_path / "busy").mkdir()
+  (tmp_path / "busy" / "keep.txt").write_text("mine")
+  with pytest.raises(FileExistsError, match="busy"):
+    prune_checkpoint(str(tmp_path / "run"), str(tmp_path / "busy"), ratio=0.5)
+  assert os.listdir(tmp_path / "busy") == ["keep.txt"]
+  with pytest.raises(FileNotFoundError, match="missing"):
+    prune_checkpoint(str(tmp_path / "missing"), str(tmp_path / "out"), ratio=0.5)
+  with pytest.raises(FileNotFoundError, match="step 7"):
+    prune_checkpoint(str(tmp_path / "run"), str(tmp_path / "out"), step=7, ratio=0.5)
+  with pytest.raises(ValueError, match=r"1\.2"):
+    prune_checkpoint(str(tmp_path / "run"), str(tmp_path / "out"), ratio=1.2)
+  assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+  # A damaged checkpoint is reported as such, naming the step.
+  step_dir = tmp_path / "run" / "3" / "state"
+  for root, _, files in os.walk(step_dir):
+    for f in files:
+      with open(os.path.join(root, f), "wb") as fh:
+        fh.write(b"garbage")
+  with pytest.raises(ValueError, match="step 3"):
+    prune_checkpoint(str(tmp_path / "run"), str(tmp_path / "out2"), ratio=0.5)
+
+
+def test_report_table_shows_ratios():
+  report = {"params_before": 100, "params_after": 40, "flops_before": 1000, "flops_after": 250,
+            "widths_before": [8, 8], "widths_after": [4, 3]}
+  table = format_report(report)
+  assert "| parameters | 100 | 40 | 0.400 |" in table
+  assert "| FLOPs (MACs, one input) | 1,000 | 250 | 0.250 |" in table
