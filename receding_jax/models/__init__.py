@@ -75,11 +75,13 @@ def get_model(name: str, num_classes: int, norm: str = "bounded", **overrides: A
 
 
 def model_from_spec(spec: dict[str, Any]) -> nn.Module:
-  """Rebuilds a model from a JSON-able spec {'name', 'num_classes', 'norm', 'overrides'}."""
+  """Rebuilds a model from a JSON-able spec {'name', 'num_classes', 'norm', 'overrides'} (JSON lists in
+  the overrides become tuples, so the model equals the one the spec was written from)."""
   unknown = sorted(set(spec) - {"name", "num_classes", "norm", "overrides"})
   if unknown or "name" not in spec or "num_classes" not in spec:
     raise ValueError(f"a model spec needs 'name' and 'num_classes' (and may have 'norm', 'overrides'); got {spec}")
-  return get_model(spec["name"], spec["num_classes"], spec.get("norm", "bounded"), **spec.get("overrides", {}))
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.get("overrides", {}).items()}
+  return get_model(spec["name"], spec["num_classes"], spec.get("norm", "bounded"), **overrides)
 
 
 __all__ = [

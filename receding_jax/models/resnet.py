@@ -7,8 +7,6 @@ widths are explicit attributes and the residual stream keeps its width.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -63,7 +61,7 @@ class CifarResNet(nn.Module):
   stage_widths: Sequence[int] = (16, 32, 64)
   inner_widths: Sequence[int] | None = None
   batch_norm_scale_init: float = 1.0
-  input_shape: ClassVar[tuple[int, int, int]] = (32, 32, 3)
+  input_shape: Sequence[int] = (32, 32, 3)  # [height, width, channels] of one input (FLOP counts, checks).
 
   @property
   def widths(self) -> tuple[int, ...]:
@@ -131,7 +129,7 @@ class ResNet(nn.Module):
   inner_widths: Sequence[int] | None = None
   expansion: int = 4
   batch_norm_scale_init: float = 1.0
-  input_shape: ClassVar[tuple[int, int, int]] = (224, 224, 3)
+  input_shape: Sequence[int] = (224, 224, 3)  # [height, width, channels] of one input (FLOP counts, checks).
 
   @property
   def widths(self) -> tuple[int, ...]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
-
 import flax.linen as nn
 import jax
 
@@ -52,7 +50,7 @@ class CifarVGG(nn.Module):
   norm: NormKind = "bounded"
   pool_after: Sequence[int] = VGG16_POOL_AFTER
   batch_norm_scale_init: float = 1.0
-  input_shape: ClassVar[tuple[int, int, int]] = (32, 32, 3)
+  input_shape: Sequence[int] = (32, 32, 3)  # [height, width, channels] of one input (FLOP counts, checks).
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -77,7 +75,7 @@ class ImageNetVGG(nn.Module):
   hidden: int = 4096
   dropout_rate: float = 0.5
   batch_norm_scale_init: float = 1.0
-  input_shape: ClassVar[tuple[int, int, int]] = (224, 224, 3)
+  input_shape: Sequence[int] = (224, 224, 3)  # [height, width, channels] of one input (FLOP counts, checks).
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

@@ -1,0 +1,158 @@
+"""The experiment configuration: every key with its default, and the checks run before anything starts.
+
+A run is described by one `ml_collections.ConfigDict`. Config files (``configs/*.py``) start from
+`default_config()` and change values; `validate_config` then refuses any key the defaults do not have
+(a typo would otherwise be silently ignored), any value of the wrong type and any impossible value,
+naming it, before a dataset is opened or a workdir is touched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from receding_jax.models import MODELS, NORM_KINDS
+
+DATASETS = ("cifar10", "cifar100", "imagenet2012", "digits", "folder")
+AUGMENTATIONS = ("cifar", "imagenet", "none")
+PENALTIES = ("rni", "l1", "polarization", "none")
+SCHEDULES = ("step", "cosine")
+#: Which norm each penalty acts on.
+PENALTY_NORM = {"rni": "bounded", "l1": "batch", "polarization": "batch"}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All keys of a run with their defaults: VGG-16 on CIFAR-10 with the receding penalty (METHOD.md)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "cifar10"  # One of DATASETS; 'folder' reads `folder` with tfds.ImageFolder.
+  c.dataset.folder = ""  # Root of an image folder (train/<class>/*.jpg, test/<class>/*.jpg).
+  c.dataset.data_dir = ""  # tfds data_dir ('' = tfds' default).
+  c.dataset.train_split = "train"
+  c.dataset.eval_split = "test"
+  c.dataset.num_classes = 10
+  c.dataset.image_size = 32  # Side of the square training/eval crops.
+  c.dataset.augment = "cifar"  # One of AUGMENTATIONS.
+  c.dataset.mean = (0.4914, 0.4822, 0.4465)  # Per-channel normalisation, on [0, 1] pixels.
+  c.dataset.std = (0.2023, 0.1994, 0.2010)
+  c.dataset.shuffle_buffer = 50_000
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "cifar_vgg16"  # A key of receding_jax.models.MODELS.
+  c.model.norm = "bounded"  # 'bounded' (BoundedScaleNorm) or 'batch' (BatchNorm).
+  c.model.width_multiplier = 1.0
+  c.model.batch_norm_scale_init = 1.0  # gamma init of 'batch' norms (0.5 for L1 and polarization).
+
+  c.penalty = ml_collections.ConfigDict()
+  c.penalty.kind = "rni"  # One of PENALTIES.
+  c.penalty.strength = 1e-3
+  c.penalty.shift = 3.0  # rni only: b in sigmoid(w + b).
+  c.penalty.polarization_t = 1.5  # polarization only.
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.batch_size = 64  # Global batch, split over processes and devices.
+  c.optim.num_epochs = 160
+  c.optim.learning_rate = 0.1
+  c.optim.momentum = 0.9
+  c.optim.nesterov = True
+  c.optim.weight_decay = 1e-4  # Coupled (added to the gradient), on conv and dense parameters.
+  c.optim.norm_lr_multiplier = 10.0  # Bounded norms: lr x this and no weight decay.
+  c.optim.schedule = "step"  # 'step': x decay_factor at each of decay_fractions; 'cosine'.
+  c.optim.decay_fractions = (0.5, 0.75)
+  c.optim.decay_factor = 0.1
+  c.optim.warmup_epochs = 0.0
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.keep_last = 2
+  c.checkpoint.keep_best = 1  # Also keep this many checkpoints with the best eval accuracy.
+  c.checkpoint.every_epochs = 1
+
+  c.log_every_steps = 50
+  c.eval_every_epochs = 1
+  return c
+
+
+def _walk(config: ml_collections.ConfigDict, prefix: str = ""):
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _walk(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(default, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+  if not ok:
+    raise ValueError(f"config.{key} = {value!r}: {expected}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first unknown key, missing key, mistyped or impossible value."""
+  defaults = dict(_walk(default_config()))
+  given = dict(_walk(config))
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise ValueError(f"unknown config keys {unknown}; the known keys are {sorted(defaults)}")
+  missing = sorted(set(defaults) - set(given))
+  if missing:
+    raise ValueError(f"config lacks keys {missing}")
+  for key, value in given.items():
+    _check(_type_ok(value, defaults[key]), key, value, f"expected a {type(defaults[key]).__name__}")
+
+  d, m, p, o, k = config.dataset, config.model, config.penalty, config.optim, config.checkpoint
+  _check(d.name in DATASETS, "dataset.name", d.name, f"one of {DATASETS}")
+  _check(d.name != "folder" or bool(d.folder), "dataset.folder", d.folder, "dataset 'folder' needs a folder")
+  _check(d.augment in AUGMENTATIONS, "dataset.augment", d.augment, f"one of {AUGMENTATIONS}")
+  _check(d.num_classes >= 2, "dataset.num_classes", d.num_classes, "at least 2")
+  _check(d.image_size >= 1, "dataset.image_size", d.image_size, "positive")
+  _check(len(d.mean) == len(d.std) and all(s > 0 for s in d.std), "dataset.std", d.std,
+         "positive, one per channel, as many as dataset.mean")
+  _check(m.name in MODELS, "model.name", m.name, f"one of {sorted(MODELS)}")
+  _check(m.norm in NORM_KINDS, "model.norm", m.norm, f"one of {NORM_KINDS}")
+  _check(m.width_multiplier > 0, "model.width_multiplier", m.width_multiplier, "positive")
+  _check(p.kind in PENALTIES, "penalty.kind", p.kind, f"one of {PENALTIES}")
+  _check(p.kind not in PENALTY_NORM or PENALTY_NORM[p.kind] == m.norm, "penalty.kind", p.kind,
+         f"acts on {PENALTY_NORM.get(p.kind)!r} norms but model.norm is {m.norm!r}")
+  _check(p.strength >= 0, "penalty.strength", p.strength, "must be >= 0")
+  _check(p.polarization_t >= 0, "penalty.polarization_t", p.polarization_t, "must be >= 0")
+  _check(o.batch_size >= 1, "optim.batch_size", o.batch_size, "positive")
+  _check(o.num_epochs >= 1, "optim.num_epochs", o.num_epochs, "positive")
+  _check(o.learning_rate > 0, "optim.learning_rate", o.learning_rate, "positive")
+  _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "in [0, 1)")
+  _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+  _check(o.norm_lr_multiplier > 0, "optim.norm_lr_multiplier", o.norm_lr_multiplier, "positive")
+  _check(o.schedule in SCHEDULES, "optim.schedule", o.schedule, f"one of {SCHEDULES}")
+  _check(all(0 < f < 1 for f in o.decay_fractions) and list(o.decay_fractions) == sorted(o.decay_fractions),
+         "optim.decay_fractions", o.decay_fractions, "increasing fractions in (0, 1)")
+  _check(0 < o.decay_factor <= 1, "optim.decay_factor", o.decay_factor, "in (0, 1]")
+  _check(0 <= o.warmup_epochs < o.num_epochs, "optim.warmup_epochs", o.warmup_epochs, "in [0, num_epochs)")
+  _check(k.keep_last >= 1, "checkpoint.keep_last", k.keep_last, "at least 1")
+  _check(k.keep_best >= 0, "checkpoint.keep_best", k.keep_best, "must be >= 0")
+  _check(k.every_epochs >= 1, "checkpoint.every_epochs", k.every_epochs, "at least 1")
+  _check(config.log_every_steps >= 1, "log_every_steps", config.log_every_steps, "at least 1")
+  _check(config.eval_every_epochs >= 1, "eval_every_epochs", config.eval_every_epochs, "at least 1")
+
+
+def model_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The JSON model spec ({'name', 'num_classes', 'norm', 'overrides'}) that `models.model_from_spec`
+  builds; the input shape comes from the dataset (image_size, number of channels)."""
+  overrides: dict[str, Any] = {
+      "width_multiplier": float(config.model.width_multiplier),
+      "input_shape": [config.dataset.image_size, config.dataset.image_size, len(config.dataset.mean)],
+  }
+  if config.model.norm == "batch":
+    overrides["batch_norm_scale_init"] = float(config.model.batch_norm_scale_init)
+  return {"name": config.model.name, "num_classes": config.dataset.num_classes, "norm": config.model.norm,
+          "overrides": overrides}

@@ -1,0 +1,47 @@
+"""Command line: ``python -m receding_jax.main --config=configs/NAME.py --workdir=DIR [--config.key=value]``.
+
+Only parses flags, joins the processes of a multi-host run and hands over to `train.train_and_evaluate`.
+Multi-host: on a Cloud TPU slice or under SLURM `jax.distributed.initialize()` finds its peers itself;
+elsewhere pass --coordinator_address, --num_processes and --process_id on every process.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _multi_host_environment() -> bool:
+  """True on a multi-worker TPU slice or a multi-task SLURM job, where initialize() needs no arguments."""
+  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # Orbax and clu log every save at INFO; -v 0 brings them back.
+    logging.set_verbosity(logging.WARNING)
+  import jax  # After flag parsing, so that --help and bad flags are fast.
+
+  from receding_jax import train
+  from receding_jax.config import validate_config
+
+  validate_config(_CONFIG.value)  # Before any process joins or any file is touched.
+  if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _multi_host_environment():
+    jax.distributed.initialize()
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,387 @@
+"""The training loop: optimiser, jitted train/eval steps over a device mesh, metrics, checkpoints.
+
+Layout follows flax's ``examples/imagenet``: the step functions are pure and jitted; `train_and_evaluate`
+is the loop. One program runs on one CPU, a GPU node or a multi-host TPU slice: the batch is sharded
+along the mesh axis ``data`` and everything else is replicated, so under `jax.jit` with ``Auto`` axes XLA
+inserts the collectives and norm statistics are those of the *global* batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metric_writers
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from receding_jax import checkpointing, input_pipeline, penalties
+from receding_jax.config import model_spec, validate_config
+from receding_jax.importances import importance_summary, neuron_importances
+from receding_jax.models import model_from_spec
+from receding_jax.norm import LOGIT_NAME
+from receding_jax.selection import PyTree, path_names
+
+DATA_AXIS = "data"
+State = dict[str, Any]  # {'params', 'batch_stats', 'opt_state', 'step', 'rng'}: what a checkpoint holds.
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optimiser.
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+  """Base learning rate per step: linear warm-up, then steps (x decay_factor at each decay fraction of
+  the run) or cosine decay to 0."""
+  o = config.optim
+  total = o.num_epochs * steps_per_epoch
+  warmup = int(o.warmup_epochs * steps_per_epoch)
+  if o.schedule == "step":
+    boundaries = {int(f * total) - warmup: o.decay_factor for f in o.decay_fractions}
+    main = optax.piecewise_constant_schedule(o.learning_rate, boundaries)
+  else:
+    main = optax.cosine_decay_schedule(o.learning_rate, total - warmup)
+  if not warmup:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, warmup), main], [warmup])
+
+
+def bounded_norm_labels(params: PyTree) -> PyTree:
+  """'bounded_norm' for every leaf of a `BoundedScaleNorm` (its logits and optional bias), else 'default'."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  bounded = {path_names(p)[:-1] for p, _ in leaves if path_names(p)[-1] == LOGIT_NAME}
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: "bounded_norm" if path_names(p)[:-1] in bounded else "default", params
+  )
+
+
+def penalty_transform(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The method's penalty as a transform that adds its gradient (identity for 'none')."""
+  p = config.penalty
+  if p.kind == "rni":
+    return penalties.add_receding_penalty(p.strength, shift=p.shift)
+  if p.kind == "l1":
+    return penalties.add_l1_penalty(p.strength)
+  if p.kind == "polarization":
+    return penalties.add_polarization_penalty(p.strength, t=p.polarization_t)
+  return optax.identity()
+
+
+def penalty_value(config: ml_collections.ConfigDict, params: PyTree) -> jax.Array:
+  """strength x penalty(params): the term the penalty adds to the loss (0 for 'none')."""
+  p = config.penalty
+  if p.kind == "rni":
+    value = penalties.receding_penalty(params, shift=p.shift)
+  elif p.kind == "l1":
+    value = penalties.l1_penalty(params)
+  elif p.kind == "polarization":
+    value = penalties.polarization_penalty(params, t=p.polarization_t)
+  else:
+    return jnp.zeros((), jnp.float32)
+  return p.strength * value
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+  """METHOD.md section 4: penalty gradient -> SGD (Nesterov) with coupled weight decay; bounded norms get
+  ``norm_lr_multiplier`` x the learning rate and no decay; polarization clamps BatchNorm scales to [0, 1]."""
+  o = config.optim
+  schedule = learning_rate_schedule(config, steps_per_epoch)
+
+  def sgd(lr):
+    return optax.sgd(lr, momentum=o.momentum or None, nesterov=o.nesterov and o.momentum > 0)
+
+  parts = [
+      penalty_transform(config),
+      optax.multi_transform(
+          {
+              "default": optax.chain(optax.add_decayed_weights(o.weight_decay), sgd(schedule)),
+              "bounded_norm": sgd(lambda step: o.norm_lr_multiplier * schedule(step)),
+          },
+          bounded_norm_labels,
+      ),
+  ]
+  if config.penalty.kind == "polarization":
+    parts.append(penalties.project_to_interval(0.0, 1.0))
+  return optax.chain(*parts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# State and steps.
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int) -> State:
+  """Fresh variables, optimiser state, step 0 and the dropout key, as one checkpointable dict."""
+  init_key, dropout_key = jax.random.split(jax.random.key(seed))
+  variables = model.init(init_key, jnp.zeros((1, *model.input_shape), jnp.float32), train=False)
+  return {
+      "params": variables["params"],
+      "batch_stats": variables.get("batch_stats", {}),
+      "opt_state": tx.init(variables["params"]),
+      "step": jnp.zeros((), jnp.int32),
+      "rng": jax.random.key_data(dropout_key),
+  }
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example softmax cross-entropy in float32, [batch]."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def train_step(
+    state: State, batch: Mapping[str, jax.Array], *, model: nn.Module, tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+) -> tuple[State, dict[str, jax.Array]]:
+  """One SGD step on a global batch; returns the new state and {'loss', 'accuracy', 'penalty'}."""
+  dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+  def loss_fn(params):
+    logits, updates = model.apply(
+        {"params": params, "batch_stats": state["batch_stats"]}, batch["image"], train=True,
+        mutable=["batch_stats"], rngs={"dropout": dropout_key},
+    )
+    return cross_entropy(logits, batch["label"]).mean(), (logits, updates)
+
+  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  step_updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  new_state = {
+      **state,
+      "params": optax.apply_updates(state["params"], step_updates),
+      "batch_stats": updates.get("batch_stats", state["batch_stats"]),
+      "opt_state": opt_state,
+      "step": state["step"] + 1,
+  }
+  metrics = {
+      "loss": loss,
+      "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+      "penalty": penalty_value(config, state["params"]),
+  }
+  return new_state, metrics
+
+
+def eval_step(state: State, batch: Mapping[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:
+  """Sums over the real (mask 1) examples of a padded global batch: 'loss', 'correct', 'count'."""
+  logits = model.apply({"params": state["params"], "batch_stats": state["batch_stats"]}, batch["image"], train=False)
+  mask = batch["mask"]
+  return {
+      "loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+      "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+      "count": jnp.sum(mask),
+  }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Devices.
+
+
+def make_mesh() -> jax.sharding.Mesh:
+  """A 1-D mesh over every device of every process, axis 'data', Auto axis type (XLA adds collectives)."""
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def global_batch(mesh: jax.sharding.Mesh, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+  """Assembles every process's local batch into global arrays sharded along the batch axis."""
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """The jitted steps of one run, bound to its model, optimiser and mesh."""
+
+  model: nn.Module
+  tx: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+  train: Callable[[State, dict], tuple[State, dict]]
+  evaluate: Callable[[State, dict], dict]
+  init: Callable[[], State]
+
+
+def make_trainer(config: ml_collections.ConfigDict, model: nn.Module, steps_per_epoch: int) -> Trainer:
+  """Builds the optimiser and jits init/train/eval with replicated state and a data-sharded batch."""
+  tx = make_optimizer(config, steps_per_epoch)
+  mesh = make_mesh()
+  replicated = NamedSharding(mesh, P())
+  train = jax.jit(
+      lambda s, b: train_step(s, b, model=model, tx=tx, config=config),
+      out_shardings=(replicated, replicated), donate_argnums=0,
+  )
+  evaluate = jax.jit(lambda s, b: eval_step(s, b, model=model), out_shardings=replicated)
+  init = jax.jit(lambda: init_state(model, tx, config.seed), out_shardings=replicated)
+  return Trainer(model, tx, mesh, train, evaluate, init)
+
+
+def evaluate(trainer: Trainer, state: State, batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, float]:
+  """Accuracy and mean loss over every real example of the evaluation split."""
+  sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+  for local in batches:
+    out = jax.device_get(trainer.evaluate(state, global_batch(trainer.mesh, local)))
+    sums = {k: sums[k] + float(out[k]) for k in sums}
+  count = max(sums["count"], 1.0)
+  return {"eval_loss": sums["loss"] / count, "eval_accuracy": sums["correct"] / count, "eval_count": sums["count"]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Records the config in the workdir, or refuses a workdir that holds another config's run."""
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved != current:
+      diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+      raise ValueError(f"workdir {workdir} holds a run of another config (differs in {diff}); use a new workdir")
+  elif jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(current, f, indent=2, sort_keys=True)
+
+
+def _check_batch(config: ml_collections.ConfigDict) -> None:
+  b = config.optim.batch_size
+  for what, n in (("processes", jax.process_count()), ("devices", jax.device_count())):
+    if b % n:
+      raise ValueError(f"config.optim.batch_size = {b} must divide evenly over the {n} {what}")
+
+
+def _format_seconds(seconds: float) -> str:
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _progress(steps: int, epoch: int, epochs: int):
+  from tqdm import tqdm  # tfds depends on tqdm; the bar shows only on an interactive terminal.
+
+  return tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", disable=None if jax.process_index() == 0 else True,
+              leave=False, dynamic_ncols=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final metrics.
+
+  Writes ``config.json``, ``checkpoints/`` (last k and best k epochs), TensorBoard events and
+  ``metrics.jsonl`` (one line per epoch). A non-finite loss stops the run with FloatingPointError before
+  anything is saved, so the last good checkpoint stays the newest.
+  """
+  validate_config(config)
+  _check_batch(config)
+  workdir = os.path.abspath(workdir)
+  _check_workdir_config(workdir, config)
+  spec = model_spec(config)
+  model = model_from_spec(spec)
+
+  pi, pc = jax.process_index(), jax.process_count()
+  train_shard = input_pipeline.load_shard(config, config.dataset.train_split, pi, pc)
+  eval_shard = input_pipeline.load_shard(config, config.dataset.eval_split, pi, pc)
+  steps_per_epoch = input_pipeline.steps_per_epoch(train_shard, config.optim.batch_size)
+  trainer = make_trainer(config, model, steps_per_epoch)
+  schedule = learning_rate_schedule(config, steps_per_epoch)
+
+  manager = checkpointing.make_manager(
+      os.path.join(workdir, "checkpoints"), keep_last=config.checkpoint.keep_last,
+      keep_best=config.checkpoint.keep_best, best_metric="eval_accuracy",
+  )
+  state = trainer.init()
+  if manager.latest_step() is not None:
+    state, _ = checkpointing.restore(manager, target=state)
+  start_step = int(state["step"])
+  start_epoch, skip_steps = divmod(start_step, steps_per_epoch)
+  if start_step:
+    print(f"resuming from step {start_step} (epoch {start_epoch}) in {workdir}", flush=True)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=pi > 0, asynchronous=False)
+  num_epochs = config.optim.num_epochs
+  print(f"{spec['name']} ({spec['norm']} norm), penalty {config.penalty.kind} strength {config.penalty.strength:g}, "
+        f"{steps_per_epoch} steps/epoch x {num_epochs} epochs, batch {config.optim.batch_size} on "
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s), {pc} process(es)", flush=True)
+  summary: dict[str, Any] = {}
+  run_start = time.perf_counter()
+  for epoch in range(start_epoch, num_epochs):
+    epoch_start = time.perf_counter()
+    step_metrics = []
+    bar = _progress(steps_per_epoch, epoch, num_epochs)
+    bar.update(skip_steps)
+    for local in input_pipeline.train_batches(train_shard, config, epoch, skip_steps):
+      state, metrics = trainer.train(state, global_batch(trainer.mesh, local))
+      step_metrics.append(metrics)
+      bar.update(1)
+      if len(step_metrics) % config.log_every_steps == 0:
+        _check_finite(step_metrics[-config.log_every_steps :], state, manager)
+        bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+    bar.close()
+    skip_steps = 0
+    _check_finite(step_metrics, state, manager)
+    step = int(state["step"])
+    train_metrics = {f"train_{k}": float(np.mean(v)) for k, v in jax.device_get(_stack(step_metrics)).items()}
+    summary = {"epoch": epoch + 1, "step": step, **train_metrics, "learning_rate": float(schedule(step - 1))}
+    last = epoch + 1 == num_epochs
+    if (epoch + 1) % config.eval_every_epochs == 0 or last:
+      summary.update(evaluate(trainer, state, input_pipeline.eval_batches(eval_shard, config)))
+    importances = neuron_importances(jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"]}))
+    summary.update({f"importance_{k}": v for k, v in importance_summary(importances).items()})
+    summary["epoch_seconds"] = time.perf_counter() - epoch_start
+    if (epoch + 1) % config.checkpoint.every_epochs == 0 or last:
+      checkpointing.save(manager, step, state, spec, metrics={"eval_accuracy": summary.get("eval_accuracy", 0.0)})
+    _write_epoch(writer, workdir, summary, importances)
+    elapsed = time.perf_counter() - run_start
+    eta = elapsed / (epoch + 1 - start_epoch) * (num_epochs - epoch - 1)
+    print(_epoch_line(summary, num_epochs) + f"  ({summary['epoch_seconds']:.1f} s, ETA {_format_seconds(eta)})",
+          flush=True)
+  writer.close()
+  manager.close()
+  return summary
+
+
+def _stack(metrics: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
+  return {k: jnp.stack([m[k] for m in metrics]) for k in metrics[0]}
+
+
+def _check_finite(metrics: list[dict[str, jax.Array]], state: State, manager) -> None:
+  """FloatingPointError naming the first step whose loss is NaN/Inf and the checkpoint that is kept."""
+  losses = np.asarray(jax.device_get(jnp.stack([m["loss"] for m in metrics])))
+  bad = np.flatnonzero(~np.isfinite(losses))
+  if bad.size:
+    first = int(state["step"]) - len(metrics) + int(bad[0]) + 1
+    raise FloatingPointError(
+        f"the training loss is {losses[bad[0]]} at step {first}; stopping. The last good checkpoint "
+        f"(step {manager.latest_step()}) in {manager.directory} is kept."
+    )
+
+
+def _epoch_line(summary: Mapping[str, Any], num_epochs: int) -> str:
+  parts = [f"epoch {summary['epoch']}/{num_epochs}", f"loss {summary['train_loss']:.4f}",
+           f"train acc {summary['train_accuracy']:.4f}"]
+  if "eval_accuracy" in summary:
+    parts.append(f"eval acc {summary['eval_accuracy']:.4f}")
+  parts += [f"penalty {summary['train_penalty']:.3g}", f"lr {summary['learning_rate']:.3g}",
+            f"importances <0.05 {summary['importance_fraction_below_0.05']:.1%}",
+            f">0.5 {summary['importance_fraction_above_0.5']:.1%}"]
+  return "  ".join(parts)
+
+
+def _write_epoch(writer, workdir: str, summary: Mapping[str, Any], importances: Mapping[str, Any]) -> None:
+  """Scalars and importance histograms to TensorBoard; one JSON line (with a 100-bin histogram of all
+  importances on [0, 1], larger |gamma| counted in the last bin) to metrics.jsonl."""
+  step = summary["step"]
+  writer.write_scalars(step, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
+  values = np.concatenate([np.ravel(v) for v in importances.values()]) if importances else np.zeros(0)
+  writer.write_histograms(step, {"importances/all": values})
+  if jax.process_index() == 0:
+    counts, _ = np.histogram(np.clip(values, 0.0, 1.0), bins=100, range=(0.0, 1.0))
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps({**summary, "importance_histogram": counts.tolist()}) + "\n")
+
