@@ -14,6 +14,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -41,7 +43,8 @@ def make_manager(
       create=create,
       enable_async_checkpointing=False,
   )
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "model"))
+  handlers = {"state": ocp.StandardCheckpointHandler(), "model": ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
 
 
 def save(
@@ -70,13 +73,17 @@ def restore(
 ) -> tuple[PyTree, dict]:
   """(state, model_spec) of `step` (default: the newest). `target` (arrays or `jax.ShapeDtypeStruct`s,
   shardings included) gives the restored structure and placement; without it the saved tree comes back
-  as saved. Raises FileNotFoundError when there is no such step and ValueError when it cannot be read."""
+  as numpy arrays on the host, whatever topology saved it. Raises FileNotFoundError when there is no
+  such step and ValueError when it cannot be read."""
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
     raise FileNotFoundError(f"no checkpoint step {step} in {manager.directory} (steps: {manager.all_steps()})")
-  state_args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(state=state_args, model=ocp.args.JsonRestore()))
+    if target is None:  # Host numpy arrays, whatever devices wrote them (a TPU slice's checkpoint on a CPU).
+      metadata = manager.item_metadata(step)["state"]
+      target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), metadata)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target), model=ocp.args.JsonRestore())
+    restored = manager.restore(step, args=args)
   except Exception as e:  # orbax raises many kinds for a damaged step; name the step and the directory.
     raise ValueError(f"checkpoint step {step} in {manager.directory} cannot be read: {e}") from e
   return restored["state"], dict(restored["model"])

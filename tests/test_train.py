@@ -1,0 +1,241 @@
+"""The training system: quickstart end to end, config checks, resume after kill, 8 devices, 2 processes, NaN."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from receding_jax import checkpointing, train
+from receding_jax.config import default_config, model_spec, validate_config
+from receding_jax.models import model_from_spec
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "quickstart.py"
+# A smaller quickstart for the equality tests: 4/8/16 channels, 23 steps an epoch.
+TINY = ["--config.model.width_multiplier=0.25", "--config.log_every_steps=5"]
+
+
+def load_config(path: pathlib.Path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def run_main(workdir, *flags, devices=1, check=True, extra_env=None, wait=True):
+  """Runs `python -m receding_jax.main` on the quickstart config in a fresh interpreter."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(extra_env or {})}
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  cmd = [sys.executable, "-m", "receding_jax.main", f"--config={QUICKSTART}", f"--workdir={workdir}", *flags]
+  if not wait:
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  if check and result.returncode != 0:
+    raise AssertionError(f"main failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-5000:]}")
+  return result
+
+
+def final_params(workdir):
+  state, _ = checkpointing.restore(checkpointing.make_manager(pathlib.Path(workdir) / "checkpoints", create=False))
+  return state
+
+
+def assert_trees_close(a, b, rtol, atol):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b)
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("quickstart")
+  summary = train.train_and_evaluate(load_config(QUICKSTART), str(workdir))
+  return workdir, summary
+
+
+def test_quickstart_trains_end_to_end_beats_chance_and_recedes(quickstart_run):
+  workdir, summary = quickstart_run
+  config = load_config(QUICKSTART)
+  assert summary["epoch"] == config.optim.num_epochs
+  assert summary["eval_accuracy"] > 0.6 and summary["eval_count"] == 297  # 10 classes: chance is 0.1.
+  assert summary["importance_fraction_below_0.05"] > 0.2  # The penalty made channels recede.
+  lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [x["epoch"] for x in lines] == list(range(1, config.optim.num_epochs + 1))
+  assert sum(lines[-1]["importance_histogram"]) == lines[-1]["importance_count"]
+  assert lines[0]["learning_rate"] == pytest.approx(config.optim.learning_rate) and lines[-1]["learning_rate"] < 1e-3
+  assert list(workdir.glob("events.out.tfevents.*"))
+  state = final_params(workdir)
+  assert int(state["step"]) == summary["step"] == config.optim.num_epochs * (1500 // 64)
+  # The checkpoint's model spec rebuilds the model, and its eval accuracy is the one reported.
+  _, spec = checkpointing.restore(checkpointing.make_manager(workdir / "checkpoints", create=False))
+  assert spec == json.loads(json.dumps(model_spec(config)))
+
+
+def test_a_workdir_holding_another_configs_run_is_refused_untouched(quickstart_run):
+  workdir, _ = quickstart_run
+  before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+  other = load_config(QUICKSTART)
+  other.optim.learning_rate = 0.07
+  with pytest.raises(ValueError, match=r"another config.*optim"):
+    train.train_and_evaluate(other, str(workdir))
+  assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+
+
+def test_config_errors_name_the_bad_key_or_value():
+  c = default_config()
+  c.optim.learning_rte = 0.1
+  with pytest.raises(ValueError, match="learning_rte"):
+    validate_config(c)
+  for key, value, match in [
+      ("penalty.kind", "l2", "'l2'"),
+      ("optim.batch_size", 0, "batch_size"),
+      ("optim.decay_fractions", (0.75, 0.5), "decay_fractions"),
+      ("model.name", "resnet7", "resnet7"),
+      ("penalty.strength", -1.0, "-1.0"),
+      ("dataset.name", "mnist", "mnist"),
+      ("dataset.augment", "mixup", "mixup"),
+  ]:
+    c = default_config()
+    section, name = key.split(".")
+    c[section][name] = value
+    with pytest.raises(ValueError, match=match):
+      validate_config(c)
+  c = default_config()
+  c.penalty.kind = "l1"  # On bounded norms: L1 belongs to BatchNorm scales.
+  with pytest.raises(ValueError, match="'batch'"):
+    validate_config(c)
+
+
+def test_command_line_refuses_unknown_keys_and_bad_values_before_creating_the_workdir(tmp_path):
+  for flag, match in [("--config.optim.learning_rte=0.1", "learning_rte"), ("--config.penalty.kind=l1", "l1")]:
+    result = run_main(tmp_path / "run", flag, check=False)
+    assert result.returncode != 0
+    assert match in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_optimizer_follows_the_recipe():
+  """Bounded norms: 10x lr, no decay; conv/dense: coupled decay; the penalty goes through momentum."""
+  c = default_config()
+  c.optim.learning_rate, c.optim.weight_decay, c.penalty.strength, c.penalty.shift = 0.1, 0.01, 0.5, 0.0
+  params = {"conv0": {"kernel": np.full((2,), 2.0, np.float32)}, "norm0": {"scale_logit": np.zeros(2, np.float32)}}
+  grads = jax.tree.map(np.ones_like, params)
+  tx = train.make_optimizer(c, steps_per_epoch=10)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  # Nesterov SGD on a first step: update = -lr * (1 + momentum) * g.
+  np.testing.assert_allclose(updates["conv0"]["kernel"], -0.1 * 1.9 * (1 + 0.01 * 2.0), rtol=1e-6)
+  penalty_grad = 0.5 * 0.5 * 0.5 * np.log(2.0)  # strength * -s (1 - s) log s at s = 1/2.
+  np.testing.assert_allclose(updates["norm0"]["scale_logit"], -1.0 * 1.9 * (1 + penalty_grad), rtol=1e-6)
+  schedule = train.learning_rate_schedule(c, steps_per_epoch=10)
+  total = c.optim.num_epochs * 10
+  assert [float(schedule(s)) for s in (0, total // 2 - 1, total // 2, total * 3 // 4)] == pytest.approx(
+      [0.1, 0.1, 0.01, 0.001])
+
+
+def test_resume_after_kill_ends_with_the_same_parameters(tmp_path):
+  flags = [*TINY, "--config.optim.num_epochs=5"]
+  run_main(tmp_path / "whole", *flags)
+  proc = run_main(tmp_path / "killed", *flags, wait=False)
+  checkpoints = tmp_path / "killed" / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+    assert proc.poll() is None, proc.stdout.read()
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+  assert steps and steps[-1] < 5 * 23
+  run_main(tmp_path / "killed", *flags)
+  whole, resumed = final_params(tmp_path / "whole"), final_params(tmp_path / "killed")
+  assert int(resumed["step"]) == 5 * 23
+  assert_trees_close(whole, resumed, rtol=1e-6, atol=1e-7)
+
+
+def test_eight_devices_train_like_one(tmp_path):
+  flags = [*TINY, "--config.optim.num_epochs=1"]
+  run_main(tmp_path / "one", *flags, devices=1)
+  out = run_main(tmp_path / "eight", *flags, devices=8)
+  assert "8 cpu device(s)" in out.stdout
+  one, eight = final_params(tmp_path / "one"), final_params(tmp_path / "eight")
+  assert_trees_close(one["params"], eight["params"], rtol=1e-3, atol=1e-4)
+  assert_trees_close(one["batch_stats"], eight["batch_stats"], rtol=1e-3, atol=1e-4)
+
+
+REFERENCE_OF_TWO_SHARDS = """
+import json, sys
+import jax, numpy as np
+from ml_collections import config_flags
+from receding_jax import input_pipeline as ip, train
+from receding_jax.config import model_spec
+from receding_jax.models import model_from_spec
+config = json.loads(sys.argv[1])
+import ml_collections
+config = ml_collections.ConfigDict(config)
+config.dataset.mean, config.dataset.std = tuple(config.dataset.mean), tuple(config.dataset.std)
+config.optim.decay_fractions = tuple(config.optim.decay_fractions)
+shards = [ip.load_shard(config, "train", p, 2) for p in range(2)]
+steps = ip.steps_per_epoch(shards[0], config.optim.batch_size)
+trainer = train.make_trainer(config, model_from_spec(model_spec(config)), steps)
+state = trainer.init()
+for epoch in range(config.optim.num_epochs):
+  for b0, b1 in zip(*(ip.train_batches(s, config, epoch) for s in shards)):
+    batch = {k: np.concatenate([b0[k], b1[k]]) for k in b0}
+    state, _ = trainer.train(state, train.global_batch(trainer.mesh, batch))
+np.savez(sys.argv[2], **{"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(v)
+                         for p, v in jax.tree_util.tree_leaves_with_path(state["params"])})
+"""
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_on_loopback_train_like_one_process_on_their_shards(tmp_path):
+  flags = [*TINY, "--config.optim.num_epochs=1"]
+  port = _free_port()
+  procs = [
+      run_main(tmp_path / "two", *flags, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+               f"--process_id={i}", wait=False)
+      for i in range(2)
+  ]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outputs
+  assert "2 process(es)" in outputs[0]
+  config = json.loads((tmp_path / "two" / "config.json").read_text())
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  result = subprocess.run([sys.executable, "-c", REFERENCE_OF_TWO_SHARDS, json.dumps(config), str(tmp_path / "ref.npz")],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-5000:]
+  reference = np.load(tmp_path / "ref.npz")
+  got = final_params(tmp_path / "two")["params"]
+  flat = {"/".join(str(getattr(k, "key", k)) for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(got)}
+  assert set(flat) == set(reference.files)
+  for name, value in flat.items():
+    np.testing.assert_allclose(value, reference[name], rtol=1e-3, atol=1e-4, err_msg=name)
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  c = load_config(QUICKSTART)
+  c.model.width_multiplier, c.optim.learning_rate, c.log_every_steps = 0.25, 1e30, 5
+  spec = model_spec(c)
+  trainer = train.make_trainer(c, model_from_spec(spec), steps_per_epoch=23)
+  good = trainer.init()
+  manager = checkpointing.make_manager(tmp_path / "checkpoints")
+  checkpointing.save(manager, 0, good, spec)
+  with pytest.raises(FloatingPointError, match=r"(nan|inf) at step \d+.*checkpoint \(step 0\)"):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert manager.all_steps() == [0] or checkpointing.make_manager(tmp_path / "checkpoints").all_steps() == [0]
+  kept = final_params(tmp_path)
+  assert_trees_close(kept["params"], jax.device_get(good["params"]), rtol=0, atol=0)
+  assert optax.tree_utils.tree_norm(kept["params"]) > 0
