@@ -156,3 +156,51 @@ def model_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
     overrides["batch_norm_scale_init"] = float(config.model.batch_norm_scale_init)
   return {"name": config.model.name, "num_classes": config.dataset.num_classes, "norm": config.model.norm,
           "overrides": overrides}
+
+
+#: Penalty settings per (method, model family): METHOD.md sections 2 and 3 (160 epochs, batch 64).
+PAPER_PENALTIES = {
+    ("rni", "vgg"): {"kind": "rni", "strength": 1e-3, "shift": 3.0},
+    ("rni", "resnet"): {"kind": "rni", "strength": 1e-4, "shift": 0.0},
+    ("l1", "vgg"): {"kind": "l1", "strength": 1e-4},
+    ("l1", "resnet"): {"kind": "l1", "strength": 1e-5},
+    ("polarization", "vgg"): {"kind": "polarization", "strength": 3e-5, "polarization_t": 1.5},
+    ("polarization", "resnet"): {"kind": "polarization", "strength": 5e-5, "polarization_t": 1.4},
+    ("ucs", "vgg"): {"kind": "none", "strength": 0.0},
+    ("ucs", "resnet"): {"kind": "none", "strength": 0.0},
+}
+DATASET_STATS = {
+    "cifar10": {"num_classes": 10, "mean": (0.4914, 0.4822, 0.4465), "std": (0.2023, 0.1994, 0.2010)},
+    "cifar100": {"num_classes": 100, "mean": (0.5071, 0.4867, 0.4408), "std": (0.2675, 0.2565, 0.2761)},
+    "imagenet2012": {"num_classes": 1000, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+}
+
+
+def paper_config(dataset: str, model: str, method: str) -> ml_collections.ConfigDict:
+  """The config of one paper experiment: `dataset` in DATASET_STATS, `model` a zoo name, `method` one
+  of 'rni', 'l1', 'ucs', 'polarization' (RNI = bounded norms + receding penalty; the others BatchNorm,
+  gamma init 0.5 for L1 and polarization as in their papers, 1.0 for UCS)."""
+  family = "vgg" if "vgg" in model else "resnet"
+  if (method, family) not in PAPER_PENALTIES:
+    raise ValueError(f"unknown method {method!r}; choose one of rni, l1, ucs, polarization")
+  if dataset not in DATASET_STATS:
+    raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_STATS)}")
+  c = default_config()
+  c.dataset.name = dataset
+  for key, value in DATASET_STATS[dataset].items():
+    c.dataset[key] = value
+  c.model.name = model
+  c.model.norm = "bounded" if method == "rni" else "batch"
+  c.model.batch_norm_scale_init = {"l1": 0.5, "polarization": 0.5}.get(method, 1.0)
+  for key, value in PAPER_PENALTIES[(method, family)].items():
+    c.penalty[key] = value
+  if dataset == "imagenet2012":  # The usual ImageNet recipe: 90 epochs, lr 0.1 per 256 images, steps at 30/60.
+    c.dataset.eval_split = "validation"
+    c.dataset.image_size = 224
+    c.dataset.augment = "imagenet"
+    c.dataset.shuffle_buffer = 16_384
+    c.optim.batch_size = 256
+    c.optim.num_epochs = 90
+    c.optim.decay_fractions = (1 / 3, 2 / 3)
+    c.log_every_steps = 100
+  return c

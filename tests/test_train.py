@@ -173,7 +173,6 @@ def test_eight_devices_train_like_one(tmp_path):
 REFERENCE_OF_TWO_SHARDS = """
 import json, sys
 import jax, numpy as np
-from ml_collections import config_flags
 from receding_jax import input_pipeline as ip, train
 from receding_jax.config import model_spec
 from receding_jax.models import model_from_spec
@@ -214,8 +213,8 @@ def test_two_processes_on_loopback_train_like_one_process_on_their_shards(tmp_pa
   assert "2 process(es)" in outputs[0]
   config = json.loads((tmp_path / "two" / "config.json").read_text())
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  result = subprocess.run([sys.executable, "-c", REFERENCE_OF_TWO_SHARDS, json.dumps(config), str(tmp_path / "ref.npz")],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  cmd = [sys.executable, "-c", REFERENCE_OF_TWO_SHARDS, json.dumps(config), str(tmp_path / "ref.npz")]
+  result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-5000:]
   reference = np.load(tmp_path / "ref.npz")
   got = final_params(tmp_path / "two")["params"]
@@ -239,3 +238,22 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
   kept = final_params(tmp_path)
   assert_trees_close(kept["params"], jax.device_get(good["params"]), rtol=0, atol=0)
   assert optax.tree_utils.tree_norm(kept["params"]) > 0
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.py")), ids=lambda p: p.stem)
+def test_every_shipped_config_is_valid_and_builds_its_model(path):
+  config = load_config(path)
+  validate_config(config)
+  model = model_from_spec(model_spec(config))
+  assert model.num_classes == config.dataset.num_classes
+
+
+def test_a_short_run_on_the_shared_cifar10_folder_learns(tmp_path, cifar10_folder):
+  c = load_config(REPO / "configs" / "cifar10_folder.py")
+  c.dataset.folder = str(cifar10_folder)
+  c.dataset.train_split = "test"  # 10,000 real images: one quick epoch.
+  c.model.name, c.model.width_multiplier = "cifar_resnet20", 0.25
+  c.optim.num_epochs, c.optim.learning_rate, c.optim.decay_factor = 1, 0.05, 1.0
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  assert summary["eval_count"] == 10000
+  assert summary["eval_accuracy"] > 0.2  # Ten classes: chance is 0.1.

@@ -7,6 +7,7 @@ widths are explicit attributes and the residual stream keeps its width.
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,7 @@
+"""ResNet-56 on CIFAR-100, UCS baseline (BatchNorm, no penalty; pruned with local scope): METHOD.md sections 2-7."""
+
+from receding_jax.config import paper_config
+
+
+def get_config():
+  return paper_config("cifar100", "cifar_resnet56", "ucs")

@@ -1,0 +1,7 @@
+"""ResNet-56 on CIFAR-10, polarization penalty (Zhuang et al., 2020): METHOD.md sections 2-7."""
+
+from receding_jax.config import paper_config
+
+
+def get_config():
+  return paper_config("cifar10", "cifar_resnet56", "polarization")
