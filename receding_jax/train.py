@@ -206,10 +206,13 @@ class Trainer:
   init: Callable[[], State]
 
 
-def make_trainer(config: ml_collections.ConfigDict, model: nn.Module, steps_per_epoch: int) -> Trainer:
-  """Builds the optimiser and jits init/train/eval with replicated state and a data-sharded batch."""
+def make_trainer(
+    config: ml_collections.ConfigDict, model: nn.Module, steps_per_epoch: int, mesh: jax.sharding.Mesh | None = None
+) -> Trainer:
+  """Builds the optimiser and jits init/train/eval with replicated state and a batch sharded over `mesh`
+  (default: every device, `make_mesh`)."""
   tx = make_optimizer(config, steps_per_epoch)
-  mesh = make_mesh()
+  mesh = mesh or make_mesh()
   replicated = NamedSharding(mesh, P())
   train = jax.jit(
       lambda s, b: train_step(s, b, model=model, tx=tx, config=config),

@@ -89,3 +89,21 @@ def test_model_spec_round_trip_and_bad_names():
     get_model("cifar_vgg16", 10, depth=3)
   with pytest.raises(ValueError, match="extra"):
     model_from_spec({"name": "cifar_vgg16", "num_classes": 10, "extra": 1})
+
+
+@pytest.mark.parametrize("size, stride", [(2, 1), (4, 2), (3, 1), (8, 1)])
+def test_cpu_friendly_conv_matches_flax_conv_values_and_gradients(size, stride):
+  """Small maps take the patches + matmul path on CPU; the parameters and results are nn.Conv's."""
+  import flax.linen as nn
+
+  from receding_jax.models.layers import conv
+
+  x = jax.random.normal(jax.random.key(0), (3, size, size, 6))
+  ours = conv(5, 3, stride, use_bias=True)
+  plain = nn.Conv(5, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)))
+  variables = ours.init(jax.random.key(1), x)
+  assert jax.tree.structure(variables) == jax.tree.structure(plain.init(jax.random.key(1), x))
+  np.testing.assert_allclose(ours.apply(variables, x), plain.apply(variables, x), rtol=1e-5, atol=1e-5)
+  grads = [jax.grad(lambda v, x, m=m: jnp.sum(jnp.sin(m.apply(v, x))), argnums=(0, 1))(variables, x)
+           for m in (ours, plain)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)

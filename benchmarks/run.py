@@ -1,0 +1,254 @@
+"""All benchmarks in one command: prints a table and writes JSON.
+
+    python benchmarks/run.py [--quick] [--out benchmarks/results.json] [--only train,penalty,...]
+
+Sections (medians over repeated runs after warm-up and compilation; ratios measured in the same run):
+  train     training-step throughput (images/s), model FLOPs per step, achieved FLOP/s (and fraction of
+            peak on a GPU), for cifar_vgg16 / cifar_resnet56 at batch 64 and 128 and resnet50 at 224 px;
+            beside it PyTorch's step for the same CIFAR model and penalty when torch is installed.
+  penalty   step time with the receding penalty vs. without, same model, interleaved.
+  pruned    inference time of cifar_vgg16 / cifar_resnet56 unpruned vs. pruned 50% and 90%, next to FLOPs.
+  prune     `prune_params` wall time on resnet50 (numpy variables on the host).
+  input     CIFAR-10 JPEG folder pipeline throughput (images/s) vs. what the training step consumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from receding_jax import pruning, train
+from receding_jax.config import paper_config
+from receding_jax.models import get_model
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+#: Peak dense FLOP/s of accelerators we know (bf16/tf32 tensor cores differ; float32 here).
+PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 67e12, "NVIDIA H200": 67e12}
+
+
+def block(tree):
+  return jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
+
+
+def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+  for _ in range(warmup):
+    block(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    block(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def cifar_trainer(model_name: str, batch: int, penalty: str = "rni", **model_overrides):
+  config = paper_config("cifar10", model_name, "rni")
+  config.optim.batch_size = batch
+  config.penalty.kind = penalty
+  for k, v in model_overrides.items():
+    config.model[k] = v
+  return config
+
+
+def synthetic_batch(trainer, shape, batch, classes):
+  rng = np.random.default_rng(0)
+  local = {"image": rng.normal(size=(batch, *shape)).astype(np.float32),
+           "label": rng.integers(0, classes, batch).astype(np.int32)}
+  return train.global_batch(trainer.mesh, local)
+
+
+def step_runner(config, image_size=None):
+  """(run one step, model): a jitted training step on a fixed synthetic batch, state carried along."""
+  spec_overrides = {"input_shape": (image_size or 32, image_size or 32, 3)}
+  model = get_model(config.model.name, config.dataset.num_classes, config.model.norm, **spec_overrides)
+  trainer = train.make_trainer(config, model, steps_per_epoch=1000)
+  state = {"s": trainer.init()}
+  batch = synthetic_batch(trainer, model.input_shape, config.optim.batch_size, config.dataset.num_classes)
+
+  def run():
+    state["s"], metrics = trainer.train(state["s"], batch)
+    return metrics["loss"]
+
+  return run, model
+
+
+def bench_train(quick: bool) -> list[dict]:
+  rows = []
+  cases = [("cifar_vgg16", 64), ("cifar_vgg16", 128), ("cifar_resnet56", 64), ("cifar_resnet56", 128)]
+  if not quick:
+    cases.append(("resnet50", 8))
+  for name, batch in cases:
+    if name == "resnet50":
+      config = paper_config("imagenet2012", "resnet50", "rni")
+      config.optim.batch_size = batch
+      run, model = step_runner(config, image_size=224)
+    else:
+      run, model = step_runner(cifar_trainer(name, batch))
+    seconds = median_seconds(run, repeats=3 if quick or name == "resnet50" else 7)
+    flops = 2 * 3 * pruning.count_flops(model) * batch  # 2 FLOPs a MAC; backward ~ 2x forward.
+    row = {"model": name, "batch": batch, "step_ms": 1e3 * seconds, "images_per_s": batch / seconds,
+           "gflop_per_step": flops / 1e9, "gflop_per_s": flops / seconds / 1e9}
+    peak = PEAK_FLOPS.get(jax.devices()[0].device_kind)
+    if peak:
+      row["fraction_of_peak"] = flops / seconds / peak
+    if name.startswith("cifar"):
+      row.update(_torch_step(name, batch, quick))
+    rows.append(row)
+  return rows
+
+
+def _torch_step(name: str, batch: int, quick: bool) -> dict:
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    return {}
+  sys.path.insert(0, str(pathlib.Path(__file__).parent))
+  from torch_reference import make_train_step
+
+  seconds = median_seconds(make_train_step(name, batch), repeats=3 if quick else 5, warmup=1)
+  return {"torch_step_ms": 1e3 * seconds, "torch_images_per_s": batch / seconds}
+
+
+def bench_penalty(quick: bool) -> list[dict]:
+  rows = []
+  for name in ("cifar_vgg16", "cifar_resnet56"):
+    with_penalty, _ = step_runner(cifar_trainer(name, 64, "rni"))
+    without, _ = step_runner(cifar_trainer(name, 64, "none"))
+    for fn in (with_penalty, without):
+      block(fn()), block(fn())
+    a, b = [], []
+    for _ in range(5 if quick else 15):  # Interleaved, so drift of the machine hits both alike.
+      for fn, times in ((with_penalty, a), (without, b)):
+        start = time.perf_counter()
+        block(fn())
+        times.append(time.perf_counter() - start)
+    ratios = [x / y for x, y in zip(a, b, strict=True)]
+    rows.append({"model": name, "batch": 64, "with_penalty_ms": 1e3 * statistics.median(a),
+                 "without_ms": 1e3 * statistics.median(b), "overhead": statistics.median(ratios) - 1.0})
+  return rows
+
+
+def random_importance_variables(model):
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, *model.input_shape)))
+  return jax.device_get(variables)
+
+
+def bench_pruned(quick: bool) -> list[dict]:
+  rows = []
+  for name in ("cifar_vgg16", "cifar_resnet56"):
+    model = get_model(name, 10)
+    variables = random_importance_variables(model)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 32, 32, 3)), jnp.float32)
+    base_flops = pruning.count_flops(model)
+    base_seconds = None
+    for ratio in (0.0, 0.5, 0.9):
+      narrow_model, narrow_vars = pruning.prune_params(model, variables, ratio)
+      forward = jax.jit(lambda v, x, m=narrow_model: m.apply(v, x))
+      narrow_vars = jax.device_put(narrow_vars)
+      seconds = median_seconds(lambda f=forward, v=narrow_vars, x=x: f(v, x), repeats=5 if quick else 15)
+      base_seconds = base_seconds or seconds
+      flops = pruning.count_flops(narrow_model)
+      rows.append({"model": name, "ratio": ratio, "batch": 64, "forward_ms": 1e3 * seconds,
+                   "flop_ratio": base_flops / flops, "speedup": base_seconds / seconds,
+                   "speedup_over_flop_ratio": (base_seconds / seconds) / (base_flops / flops)})
+  return rows
+
+
+def bench_prune(quick: bool) -> list[dict]:
+  model = get_model("resnet50", 1000)
+  variables = random_importance_variables(model)
+  seconds = median_seconds(lambda: pruning.prune_params(model, variables, 0.5), repeats=3 if quick else 5, warmup=1)
+  return [{"model": "resnet50", "ratio": 0.5, "prune_params_s": seconds}]
+
+
+def bench_input(quick: bool, train_rows: list[dict]) -> list[dict]:
+  if not SHARED_CIFAR.exists():
+    return [{"skipped": f"{SHARED_CIFAR} not found"}]
+  from receding_jax import input_pipeline
+
+  with tempfile.TemporaryDirectory() as root:
+    with tarfile.open(SHARED_CIFAR) as tar:
+      tar.extractall(root, filter="data")
+    config = paper_config("cifar10", "cifar_vgg16", "rni")
+    config.dataset.name, config.dataset.folder, config.optim.batch_size = "folder", root, 128
+    shard = input_pipeline.load_shard(config, "train", 0, 1)
+    rows = []
+    for epoch, label in ((0, "first epoch (reads and caches JPEGs)"), (1, "later epochs (cached)")):
+      n, start = 0, time.perf_counter()
+      for i, batch in enumerate(input_pipeline.train_batches(shard, config, epoch)):
+        n += batch["image"].shape[0]
+        if quick and i == 100:
+          break
+      rows.append({"pipeline": label, "images_per_s": n / (time.perf_counter() - start)})
+  consumption = {f"{r['model']}@{r['batch']}": r["images_per_s"] for r in train_rows if r["model"].startswith("cifar")}
+  for row in rows:
+    row["vs_train_step"] = {k: row["images_per_s"] / v for k, v in consumption.items()}
+  return rows
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+  print(f"\n## {title}")
+  if not rows:
+    return
+  keys = [k for k in rows[0] if not isinstance(rows[0][k], dict)]
+  print("| " + " | ".join(keys) + " |")
+  print("|" + "---|" * len(keys))
+  for row in rows:
+    cells = [f"{row.get(k):.4g}" if isinstance(row.get(k), float) else str(row.get(k)) for k in keys]
+    print("| " + " | ".join(cells) + " |")
+  for row in rows:
+    for k, v in row.items():
+      if isinstance(v, dict):
+        print(f"  {k}: " + ", ".join(f"{a} {b:.3g}" for a, b in v.items()))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true", help="fewer repeats, no resnet50 step")
+  parser.add_argument("--out", default=str(REPO / "benchmarks" / "results.json"))
+  parser.add_argument("--only", default="train,penalty,pruned,prune,input")
+  args = parser.parse_args()
+  only = set(args.only.split(","))
+  device = jax.devices()[0]
+  report = {
+      "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                  "node": platform.node()},
+      "device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count()},
+      "jax": jax.__version__, "quick": args.quick, "results": {},
+  }
+  try:
+    import torch
+
+    report["torch"] = torch.__version__
+  except ImportError:
+    report["torch"] = None
+  sections = [("train", "Training step", lambda: bench_train(args.quick)),
+              ("penalty", "Receding-penalty overhead (batch 64)", lambda: bench_penalty(args.quick)),
+              ("pruned", "Pruned inference (batch 64)", lambda: bench_pruned(args.quick)),
+              ("prune", "prune_params wall time", lambda: bench_prune(args.quick)),
+              ("input", "Input pipeline (CIFAR-10 JPEG folder, batch 128)",
+               lambda: bench_input(args.quick, report["results"].get("train", [])))]
+  for key, title, fn in sections:
+    if key in only:
+      report["results"][key] = fn()
+      print_table(title, report["results"][key])
+      sys.stdout.flush()
+  pathlib.Path(args.out).write_text(json.dumps(report, indent=2))
+  print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
