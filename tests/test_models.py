@@ -91,7 +91,7 @@ def test_model_spec_round_trip_and_bad_names():
     model_from_spec({"name": "cifar_vgg16", "num_classes": 10, "extra": 1})
 
 
-@pytest.mark.parametrize("size, stride", [(2, 1), (4, 2), (3, 1), (8, 1)])
+@pytest.mark.parametrize("size, stride", [(2, 1), (2, 2), (1, 1), (4, 2)])
 def test_cpu_friendly_conv_matches_flax_conv_values_and_gradients(size, stride):
   """Small maps take the patches + matmul path on CPU; the parameters and results are nn.Conv's."""
   import flax.linen as nn
