@@ -154,15 +154,15 @@ def bench_pruned(quick: bool) -> list[dict]:
     x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 32, 32, 3)), jnp.float32)
     base_flops = pruning.count_flops(model)
     base_seconds = None
-    for ratio in (0.0, 0.5, 0.9):
-      narrow_model, narrow_vars = pruning.prune_params(model, variables, ratio)
+    for ratio, multiple in ((0.0, 1), (0.5, 1), (0.5, 8), (0.9, 1), (0.9, 8)):
+      narrow_model, narrow_vars = pruning.prune_params(model, variables, ratio, channel_multiple=multiple)
       forward = jax.jit(lambda v, x, m=narrow_model: m.apply(v, x))
       narrow_vars = jax.device_put(narrow_vars)
       seconds = median_seconds(lambda f=forward, v=narrow_vars, x=x: f(v, x), repeats=5 if quick else 15)
       base_seconds = base_seconds or seconds
       flops = pruning.count_flops(narrow_model)
-      rows.append({"model": name, "ratio": ratio, "batch": 64, "forward_ms": 1e3 * seconds,
-                   "flop_ratio": base_flops / flops, "speedup": base_seconds / seconds,
+      rows.append({"model": name, "ratio": ratio, "channel_multiple": multiple, "batch": 64,
+                   "forward_ms": 1e3 * seconds, "flop_ratio": base_flops / flops, "speedup": base_seconds / seconds,
                    "speedup_over_flop_ratio": (base_seconds / seconds) / (base_flops / flops)})
   return rows
 

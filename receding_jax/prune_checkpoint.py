@@ -33,6 +33,7 @@ def prune_checkpoint(
     min_channels: int = 3,
     flop_reduction: float | None = None,
     threshold: float | None = None,
+    channel_multiple: int = 1,
 ) -> dict[str, Any]:
   """Prunes the checkpoint at `checkpoint_dir` (step `step`, default newest) into `output_dir`.
 
@@ -49,7 +50,7 @@ def prune_checkpoint(
   variables = {k: jax.device_get(state[k]) for k in ("params", "batch_stats") if k in state}
   narrow_model, narrow_variables = pruning.prune_params(
       model, variables, ratio, scope=scope, min_channels=min_channels,
-      flop_reduction=flop_reduction, threshold=threshold,
+      flop_reduction=flop_reduction, threshold=threshold, channel_multiple=channel_multiple,
   )
   arch = pruning.describe(narrow_model)
   narrow_spec = {**spec, "overrides": {**spec.get("overrides", {}), arch.width_attribute: list(arch.widths)}}
@@ -57,7 +58,7 @@ def prune_checkpoint(
       "source": os.path.abspath(checkpoint_dir),
       "source_step": int(source.latest_step() if step is None else step),
       "criterion": {"ratio": ratio, "flop_reduction": flop_reduction, "threshold": threshold,
-                    "scope": scope, "min_channels": min_channels},
+                    "scope": scope, "min_channels": min_channels, "channel_multiple": channel_multiple},
       "params_before": pruning.count_params(variables),
       "params_after": pruning.count_params(narrow_variables),
       "flops_before": pruning.count_flops(model),
@@ -94,10 +95,12 @@ def main(argv: list[str] | None = None) -> None:
   criterion.add_argument("--threshold", type=float)
   parser.add_argument("--scope", choices=pruning.SCOPES, default="global")
   parser.add_argument("--min_channels", type=int, default=3)
+  parser.add_argument("--channel_multiple", type=int, default=1, help="round kept widths up to a multiple")
   args = parser.parse_args(argv)
   report = prune_checkpoint(
       args.checkpoint_dir, args.output_dir, step=args.step, ratio=args.ratio, scope=args.scope,
       min_channels=args.min_channels, flop_reduction=args.flop_reduction, threshold=args.threshold,
+      channel_multiple=args.channel_multiple,
   )
   print(format_report(report))
   print(f"widths: {report['widths_before']} -> {report['widths_after']}")

@@ -291,3 +291,21 @@ def test_report_table_shows_ratios():
   table = format_report(report)
   assert "| parameters | 100 | 40 | 0.400 |" in table
   assert "| FLOPs (MACs, one input) | 1,000 | 250 | 0.250 |" in table
+
+
+def test_channel_multiple_rounds_kept_widths_up_with_the_next_most_important_channels():
+  model = get_model("cifar_resnet20", 10)  # Inner widths 16/32/64.
+  variables = trained_looking(model)
+  imps = pruning.group_importances(model, variables)
+  plain = pruning.channel_masks(model, variables, 0.6)
+  rounded = pruning.channel_masks(model, variables, 0.6, channel_multiple=8)
+  for name, mask in rounded.items():
+    kept, before = int(mask.sum()), int(plain[name].sum())
+    assert kept % 8 == 0 or kept == mask.size
+    assert before <= kept < before + 8
+    assert np.all(mask[plain[name]])  # Everything kept before is still kept ...
+    added = mask & ~plain[name]
+    if added.any():  # ... and the additions are the most important of the rest.
+      assert imps[name][added].min() >= imps[name][~mask].max(initial=-np.inf)
+  with pytest.raises(ValueError, match="channel_multiple"):
+    pruning.channel_masks(model, variables, 0.6, channel_multiple=0)
