@@ -100,6 +100,6 @@ def make_train_step(name: str, batch_size: int, strength: float = 1e-3, shift: f
     loss = F.cross_entropy(model(x), y) + strength * receding_penalty(model, shift)
     loss.backward()
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
   return step

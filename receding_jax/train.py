@@ -249,8 +249,9 @@ def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> No
       raise ValueError(f"workdir {workdir} holds a run of another config (differs in {diff}); use a new workdir")
   elif jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:  # Atomic: other processes never read half a file.
       json.dump(current, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
 
 
 def _check_batch(config: ml_collections.ConfigDict) -> None:
@@ -305,6 +306,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_epoch, skip_steps = divmod(start_step, steps_per_epoch)
   if start_step:
     print(f"resuming from step {start_step} (epoch {start_epoch}) in {workdir}", flush=True)
+  if start_epoch >= config.optim.num_epochs:
+    print(f"the run in {workdir} is already finished", flush=True)
+    manager.close()
+    return _last_logged_epoch(workdir)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=pi > 0, asynchronous=False)
   num_epochs = config.optim.num_epochs
@@ -347,6 +352,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer.close()
   manager.close()
   return summary
+
+
+def _last_logged_epoch(workdir: str) -> dict[str, Any]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    lines = f.read().splitlines()
+  return json.loads(lines[-1]) if lines else {}
 
 
 def _stack(metrics: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:

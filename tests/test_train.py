@@ -89,6 +89,14 @@ def test_a_workdir_holding_another_configs_run_is_refused_untouched(quickstart_r
   assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
 
 
+def test_rerunning_a_finished_run_changes_nothing_and_reports_its_result(quickstart_run):
+  workdir, summary = quickstart_run
+  before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+  again = train.train_and_evaluate(load_config(QUICKSTART), str(workdir))
+  assert again["eval_accuracy"] == summary["eval_accuracy"] and again["step"] == summary["step"]
+  assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+
+
 def test_config_errors_name_the_bad_key_or_value():
   c = default_config()
   c.optim.learning_rte = 0.1
