@@ -215,6 +215,15 @@ def print_table(title: str, rows: list[dict]) -> None:
         print(f"  {k}: " + ", ".join(f"{a} {b:.3g}" for a, b in v.items()))
 
 
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return names[0] if names else platform.machine()
+  except OSError:
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="fewer repeats, no resnet50 step")
@@ -224,8 +233,7 @@ def main() -> None:
   only = set(args.only.split(","))
   device = jax.devices()[0]
   report = {
-      "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                  "node": platform.node()},
+      "machine": {"processor": _cpu_model(), "cpu_count": os.cpu_count(), "node": platform.node()},
       "device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count()},
       "jax": jax.__version__, "quick": args.quick, "results": {},
   }
