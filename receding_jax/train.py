@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from receding_jax import checkpointing, input_pipeline, penalties
-from receding_jax.config import model_spec, validate_config
+from receding_jax.config import PAPER_SCHEDULE, default_config, model_spec, validate_config
 from receding_jax.importances import importance_summary, neuron_importances
 from receding_jax.models import model_from_spec
 from receding_jax.norm import LOGIT_NAME
@@ -56,6 +56,28 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
   return optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, warmup), main], [warmup])
 
 
+def learning_rate_sum(config: ml_collections.ConfigDict, steps_per_epoch: int) -> float:
+  """Sum of the base learning rate over every step of the run (the penalty's integrated push / strength)."""
+  total = config.optim.num_epochs * steps_per_epoch
+  schedule = learning_rate_schedule(config, steps_per_epoch)
+  return float(jnp.sum(jax.vmap(schedule)(jnp.arange(total))))
+
+
+def effective_penalty_strength(config: ml_collections.ConfigDict, steps_per_epoch: int) -> float:
+  """The strength the penalty runs with: ``penalty.strength``, or with ``penalty.relative_to_paper``
+  that strength x (learning-rate sum of the paper's schedule / learning-rate sum of this run), so that a
+  logit receives the same total push as in the paper's 160-epoch, batch-64 run."""
+  if not config.penalty.relative_to_paper:
+    return float(config.penalty.strength)
+  paper = default_config()
+  paper.optim.schedule, paper.optim.warmup_epochs = "step", 0.0
+  for key in ("batch_size", "num_epochs", "learning_rate", "decay_fractions", "decay_factor"):
+    paper.optim[key] = PAPER_SCHEDULE[key]
+  paper_steps = PAPER_SCHEDULE["train_examples"] // PAPER_SCHEDULE["batch_size"]
+  ratio = learning_rate_sum(paper, paper_steps) / learning_rate_sum(config, steps_per_epoch)
+  return float(config.penalty.strength) * ratio
+
+
 def bounded_norm_labels(params: PyTree) -> PyTree:
   """'bounded_norm' for every leaf of a `BoundedScaleNorm` (its logits and optional bias), else 'default'."""
   leaves = jax.tree_util.tree_leaves_with_path(params)
@@ -65,19 +87,19 @@ def bounded_norm_labels(params: PyTree) -> PyTree:
   )
 
 
-def penalty_transform(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """The method's penalty as a transform that adds its gradient (identity for 'none')."""
+def penalty_transform(config: ml_collections.ConfigDict, strength: float) -> optax.GradientTransformation:
+  """The method's penalty at `strength` as a transform that adds its gradient (identity for 'none')."""
   p = config.penalty
   if p.kind == "rni":
-    return penalties.add_receding_penalty(p.strength, shift=p.shift)
+    return penalties.add_receding_penalty(strength, shift=p.shift)
   if p.kind == "l1":
-    return penalties.add_l1_penalty(p.strength)
+    return penalties.add_l1_penalty(strength)
   if p.kind == "polarization":
-    return penalties.add_polarization_penalty(p.strength, t=p.polarization_t)
+    return penalties.add_polarization_penalty(strength, t=p.polarization_t)
   return optax.identity()
 
 
-def penalty_value(config: ml_collections.ConfigDict, params: PyTree) -> jax.Array:
+def penalty_value(config: ml_collections.ConfigDict, strength: float, params: PyTree) -> jax.Array:
   """strength x penalty(params): the term the penalty adds to the loss (0 for 'none')."""
   p = config.penalty
   if p.kind == "rni":
@@ -88,7 +110,7 @@ def penalty_value(config: ml_collections.ConfigDict, params: PyTree) -> jax.Arra
     value = penalties.polarization_penalty(params, t=p.polarization_t)
   else:
     return jnp.zeros((), jnp.float32)
-  return p.strength * value
+  return strength * value
 
 
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -96,12 +118,13 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> o
   ``norm_lr_multiplier`` x the learning rate and no decay; polarization clamps BatchNorm scales to [0, 1]."""
   o = config.optim
   schedule = learning_rate_schedule(config, steps_per_epoch)
+  strength = effective_penalty_strength(config, steps_per_epoch)
 
   def sgd(lr):
     return optax.sgd(lr, momentum=o.momentum or None, nesterov=o.nesterov and o.momentum > 0)
 
   parts = [
-      penalty_transform(config),
+      penalty_transform(config, strength),
       optax.multi_transform(
           {
               "default": optax.chain(optax.add_decayed_weights(o.weight_decay), sgd(schedule)),
@@ -139,9 +162,10 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def train_step(
     state: State, batch: Mapping[str, jax.Array], *, model: nn.Module, tx: optax.GradientTransformation,
-    config: ml_collections.ConfigDict,
+    config: ml_collections.ConfigDict, penalty_strength: float,
 ) -> tuple[State, dict[str, jax.Array]]:
-  """One SGD step on a global batch; returns the new state and {'loss', 'accuracy', 'penalty'}."""
+  """One SGD step on a global batch; returns the new state and {'loss', 'accuracy', 'penalty'} (the
+  penalty term strength x R(params) that `tx` adds the gradient of)."""
   dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
   def loss_fn(params):
@@ -163,7 +187,7 @@ def train_step(
   metrics = {
       "loss": loss,
       "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-      "penalty": penalty_value(config, state["params"]),
+      "penalty": penalty_value(config, penalty_strength, state["params"]),
   }
   return new_state, metrics
 
@@ -204,6 +228,7 @@ class Trainer:
   train: Callable[[State, dict], tuple[State, dict]]
   evaluate: Callable[[State, dict], dict]
   init: Callable[[], State]
+  penalty_strength: float  # The effective strength (see `effective_penalty_strength`).
 
 
 def make_trainer(
@@ -212,15 +237,16 @@ def make_trainer(
   """Builds the optimiser and jits init/train/eval with replicated state and a batch sharded over `mesh`
   (default: every device, `make_mesh`)."""
   tx = make_optimizer(config, steps_per_epoch)
+  strength = effective_penalty_strength(config, steps_per_epoch)
   mesh = mesh or make_mesh()
   replicated = NamedSharding(mesh, P())
   train = jax.jit(
-      lambda s, b: train_step(s, b, model=model, tx=tx, config=config),
+      lambda s, b: train_step(s, b, model=model, tx=tx, config=config, penalty_strength=strength),
       out_shardings=(replicated, replicated), donate_argnums=0,
   )
   evaluate = jax.jit(lambda s, b: eval_step(s, b, model=model), out_shardings=replicated)
   init = jax.jit(lambda: init_state(model, tx, config.seed), out_shardings=replicated)
-  return Trainer(model, tx, mesh, train, evaluate, init)
+  return Trainer(model, tx, mesh, train, evaluate, init, strength)
 
 
 def evaluate(trainer: Trainer, state: State, batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, float]:
@@ -313,7 +339,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   writer = metric_writers.create_default_writer(workdir, just_logging=pi > 0, asynchronous=False)
   num_epochs = config.optim.num_epochs
-  print(f"{spec['name']} ({spec['norm']} norm), penalty {config.penalty.kind} strength {config.penalty.strength:g}, "
+  relative = f" (given {config.penalty.strength:g} relative to the paper's schedule)" \
+      if config.penalty.relative_to_paper else ""
+  print(f"{spec['name']} ({spec['norm']} norm), penalty {config.penalty.kind} strength "
+        f"{trainer.penalty_strength:.4g}{relative}, "
         f"{steps_per_epoch} steps/epoch x {num_epochs} epochs, batch {config.optim.batch_size} on "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), {pc} process(es)", flush=True)
   summary: dict[str, Any] = {}

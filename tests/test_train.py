@@ -289,6 +289,30 @@ def test_a_short_run_on_the_shared_cifar10_folder_learns(tmp_path, cifar10_folde
   c.dataset.train_split = "test"  # 10,000 real images: one quick epoch.
   c.model.name, c.model.width_multiplier = "cifar_resnet20", 0.25
   c.optim.num_epochs, c.optim.learning_rate, c.optim.decay_factor = 1, 0.05, 1.0
+  c.penalty.relative_to_paper = False  # 78 steps: the paper-equivalent push would be ~1,700x the strength.
   summary = train.train_and_evaluate(c, str(tmp_path))
   assert summary["eval_count"] == 10000
   assert summary["eval_accuracy"] > 0.2  # Ten classes: chance is 0.1.
+
+
+def test_strength_relative_to_the_paper_keeps_the_integrated_push():
+  """METHOD.md section 8: 15 epochs at batch 128 have ~21x less learning-rate sum than the paper's run."""
+  c = paper_config_for_test(relative=True)
+  c.optim.batch_size, c.optim.num_epochs = 128, 15
+  steps = 50_000 // 128
+  paper_sum = 0.1 * (160 * 781) * (0.5 + 0.25 * 0.1 + 0.25 * 0.01)  # lr 0.1, /10 at 50% and 75%.
+  assert train.learning_rate_sum(c, steps) == pytest.approx(0.1 * 15 * steps * (0.5 + 0.025 + 0.0025), rel=1e-3)
+  strength = train.effective_penalty_strength(c, steps)
+  assert strength == pytest.approx(1e-3 * paper_sum / train.learning_rate_sum(c, steps), rel=1e-6)
+  assert 20 < strength / 1e-3 < 22
+  paper = paper_config_for_test(relative=True)  # The paper's own schedule: no change.
+  assert train.effective_penalty_strength(paper, 781) == pytest.approx(1e-3, rel=1e-3)
+  assert train.effective_penalty_strength(paper_config_for_test(relative=False), 1) == 1e-3
+
+
+def paper_config_for_test(relative: bool):
+  from receding_jax.config import paper_config
+
+  c = paper_config("cifar10", "cifar_vgg16", "rni")
+  c.penalty.relative_to_paper = relative
+  return c
