@@ -13,11 +13,13 @@ from typing import Any
 import ml_collections
 
 from receding_jax.models import MODELS, NORM_KINDS
+from receding_jax.pruning import SCOPES
 
 DATASETS = ("cifar10", "cifar100", "imagenet2012", "digits", "folder")
 AUGMENTATIONS = ("cifar", "imagenet", "none")
 PENALTIES = ("rni", "l1", "polarization", "none")
 SCHEDULES = ("step", "cosine")
+PHASES = ("train", "prune", "finetune")
 #: Which norm each penalty acts on.
 PENALTY_NORM = {"rni": "bounded", "l1": "batch", "polarization": "batch"}
 
@@ -76,6 +78,16 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.log_every_steps = 50
   c.eval_every_epochs = 1
+
+  # The experiment: which phases `python -m receding_jax.main` runs (in this order), and their settings.
+  c.phases = ("train",)  # Any of PHASES, in order: train -> prune (one-shot, each ratio) -> finetune.
+  c.prune = ml_collections.ConfigDict()
+  c.prune.ratios = (0.5, 0.9)  # Shares of prunable channels to remove, each in [0, 1).
+  c.prune.scope = "global"  # 'global' (RNI, L1, polarization) or 'local' (UCS).
+  c.prune.min_channels = 3
+  c.prune.channel_multiple = 1
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.num_epochs = 160  # Same schedule as training (scaled to this length), no penalty.
   return c
 
 
@@ -147,6 +159,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(k.every_epochs >= 1, "checkpoint.every_epochs", k.every_epochs, "at least 1")
   _check(config.log_every_steps >= 1, "log_every_steps", config.log_every_steps, "at least 1")
   _check(config.eval_every_epochs >= 1, "eval_every_epochs", config.eval_every_epochs, "at least 1")
+  phases = tuple(config.phases)
+  _check(bool(phases) and all(ph in PHASES for ph in phases) and list(phases) == sorted(phases, key=PHASES.index)
+         and len(set(phases)) == len(phases), "phases", phases, f"a non-empty ordered selection of {PHASES}")
+  r = config.prune
+  _check(all(isinstance(x, (int, float)) and 0 <= x < 1 for x in r.ratios) and len(r.ratios) > 0,
+         "prune.ratios", r.ratios, "ratios in [0, 1)")
+  _check(r.scope in SCOPES, "prune.scope", r.scope, f"one of {SCOPES}")
+  _check(r.min_channels >= 1, "prune.min_channels", r.min_channels, "at least 1")
+  _check(r.channel_multiple >= 1, "prune.channel_multiple", r.channel_multiple, "at least 1")
+  _check(config.finetune.num_epochs >= 1, "finetune.num_epochs", config.finetune.num_epochs, "at least 1")
 
 
 def model_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -203,6 +225,8 @@ def paper_config(dataset: str, model: str, method: str) -> ml_collections.Config
   c.model.batch_norm_scale_init = {"l1": 0.5, "polarization": 0.5}.get(method, 1.0)
   for key, value in PAPER_PENALTIES[(method, family)].items():
     c.penalty[key] = value
+  c.phases = PHASES
+  c.prune.scope = "local" if method == "ucs" else "global"
   if dataset == "imagenet2012":  # The usual ImageNet recipe: 90 epochs, lr 0.1 per 256 images, steps at 30/60.
     c.dataset.eval_split = "validation"
     c.dataset.image_size = 224
@@ -211,5 +235,6 @@ def paper_config(dataset: str, model: str, method: str) -> ml_collections.Config
     c.optim.batch_size = 256
     c.optim.num_epochs = 90
     c.optim.decay_fractions = (1 / 3, 2 / 3)
+    c.finetune.num_epochs = 90
     c.log_every_steps = 100
   return c

@@ -1,6 +1,7 @@
 """Command line: ``python -m receding_jax.main --config=configs/NAME.py --workdir=DIR [--config.key=value]``.
 
-Only parses flags, joins the processes of a multi-host run and hands over to `train.train_and_evaluate`.
+Only parses flags, joins the processes of a multi-host run and hands over to `experiment.run`, which runs
+the phases the config names (train, prune, finetune).
 Multi-host: on a Cloud TPU slice or under SLURM `jax.distributed.initialize()` finds its peers itself;
 elsewhere pass --coordinator_address, --num_processes and --process_id on every process.
 """
@@ -32,7 +33,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   import jax  # After flag parsing, so that --help and bad flags are fast.
 
-  from receding_jax import train
+  from receding_jax import experiment
   from receding_jax.config import validate_config
 
   validate_config(_CONFIG.value)  # Before any process joins or any file is touched.
@@ -40,7 +41,7 @@ def main(argv: list[str]) -> None:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif _multi_host_environment():
     jax.distributed.initialize()
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  experiment.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -300,18 +300,26 @@ def _progress(steps: int, epoch: int, epochs: int):
               leave=False, dynamic_ncols=True)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    spec: Mapping[str, Any] | None = None,
+    init_variables: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final metrics.
 
   Writes ``config.json``, ``checkpoints/`` (last k and best k epochs), TensorBoard events and
   ``metrics.jsonl`` (one line per epoch). A non-finite loss stops the run with FloatingPointError before
-  anything is saved, so the last good checkpoint stays the newest.
+  anything is saved, so the last good checkpoint stays the newest. `spec` (a model spec, default the
+  config's) and `init_variables` ({'params', 'batch_stats'} to start from, e.g. a pruned network's)
+  serve fine-tuning; a resumed run takes its state from its own checkpoint.
   """
   validate_config(config)
   _check_batch(config)
   workdir = os.path.abspath(workdir)
   _check_workdir_config(workdir, config)
-  spec = model_spec(config)
+  spec = dict(spec or model_spec(config))
   model = model_from_spec(spec)
 
   pi, pc = jax.process_index(), jax.process_count()
@@ -328,6 +336,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = trainer.init()
   if manager.latest_step() is not None:
     state, _ = checkpointing.restore(manager, target=state)
+  elif init_variables is not None:
+    replicated = NamedSharding(trainer.mesh, P())
+    start = {k: jax.device_put(init_variables[k], replicated) for k in ("params", "batch_stats")}
+    if jax.tree.structure(start["params"]) != jax.tree.structure(state["params"]):
+      raise ValueError("init_variables do not fit the model of `spec`")
+    state = {**state, **start}
   start_step = int(state["step"])
   start_epoch, skip_steps = divmod(start_step, steps_per_epoch)
   if start_step:

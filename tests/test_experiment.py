@@ -1,0 +1,60 @@
+"""The experiment pipeline: train -> prune -> fine-tune on the quickstart data, results, resumption, bad input."""
+
+import json
+
+import pytest
+from test_train import QUICKSTART, load_config
+
+from receding_jax import experiment
+from receding_jax.config import validate_config
+
+
+def small_pipeline_config():
+  c = load_config(QUICKSTART)
+  c.model.width_multiplier = 0.25
+  c.optim.num_epochs, c.finetune.num_epochs = 3, 2
+  c.prune.ratios = (0.5,)
+  return c
+
+
+def test_pipeline_writes_results_and_does_not_redo_finished_phases(tmp_path):
+  results = experiment.run(small_pipeline_config(), str(tmp_path))
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["ratios"].keys() == {"0.5"}
+  entry = saved["ratios"]["0.5"]
+  report = entry["pruned"]["report"]
+  assert report["params_after"] < report["params_before"] and report["flops_after"] < report["flops_before"]
+  assert entry["pruned"]["eval_count"] == 297 and 0 <= entry["pruned"]["eval_accuracy"] <= 1
+  assert entry["finetuned"]["epoch"] == 2 and entry["finetuned"]["eval_accuracy"] > 0.5
+  assert saved["trained"]["eval_accuracy"] == results["trained"]["eval_accuracy"]
+  table = (tmp_path / "results.md").read_text()
+  assert "| 50% |" in table and f"{100 * entry['finetuned']['eval_accuracy']:.2f}" in table
+  # The fine-tuned model is the pruned architecture, not the original.
+  spec = json.loads((tmp_path / "pruned_0.5" / "finetune" / "config.json").read_text())
+  assert spec["penalty"]["kind"] == "none" and spec["optim"]["num_epochs"] == 2
+  phase_files = [p for p in tmp_path.rglob("*") if "pruned_0.5" in str(p) or "checkpoints" in str(p)]
+  before = {p: p.stat().st_mtime_ns for p in phase_files}
+  again = experiment.run(small_pipeline_config(), str(tmp_path))
+  assert again["ratios"]["0.5"]["pruned"]["eval_accuracy"] == entry["pruned"]["eval_accuracy"]
+  assert again["ratios"]["0.5"]["finetuned"]["eval_accuracy"] == entry["finetuned"]["eval_accuracy"]
+  assert {p: p.stat().st_mtime_ns for p in phase_files} == before
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("phases", ("train", "distill"), "distill"),
+    ("phases", ("prune", "train"), "phases"),
+    ("prune.ratios", (0.5, 1.0), "1.0"),
+    ("prune.scope", "layerwise", "layerwise"),
+])
+def test_bad_pipeline_configs_are_refused_before_any_work(tmp_path, key, value, match):
+  c = small_pipeline_config()
+  node = c
+  *parents, name = key.split(".")
+  for p in parents:
+    node = node[p]
+  node[name] = value
+  with pytest.raises(ValueError, match=match):
+    validate_config(c)
+  with pytest.raises(ValueError, match=match):
+    experiment.run(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
