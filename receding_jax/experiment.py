@@ -6,6 +6,7 @@ Workdir layout (every phase resumes from its own checkpoints; a finished phase i
   pruned_<ratio>/pruned_eval.json                        its accuracy before any fine-tuning
   pruned_<ratio>/finetune/                               fine-tuning run (no penalty)
   results.json, results.md                               per ratio: accuracies, params/FLOPs, wall times
+  plots/*.png                                            importances (final, per epoch), accuracy vs ratio
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from receding_jax import checkpointing, input_pipeline, train
+from receding_jax import checkpointing, input_pipeline, plots, train
 from receding_jax.config import validate_config
 from receding_jax.models import model_from_spec
 from receding_jax.prune_checkpoint import prune_checkpoint
@@ -117,8 +118,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.md"), "w") as f:
       f.write(results_table(results) + "\n")
+    _plot(workdir, phases)
   print(results_table(results), flush=True)
   return results
+
+
+def _plot(workdir: str, phases: tuple[str, ...]) -> None:
+  """PNG figures in workdir/plots: final importance distribution, histograms per epoch, and accuracy
+  vs pruning ratio when pruning ran."""
+  out = os.path.join(workdir, "plots")
+  plots.importance_distribution({"final": workdir}, os.path.join(out, "importances.png"))
+  plots.importance_over_epochs(workdir, os.path.join(out, "importances_per_epoch.png"))
+  if "prune" in phases:
+    plots.accuracy_vs_ratio({os.path.basename(workdir): workdir}, os.path.join(out, "accuracy_vs_ratio.png"))
 
 
 def _read_json_lines_last(workdir: str) -> dict[str, Any]:

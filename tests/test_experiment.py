@@ -6,6 +6,7 @@ import pytest
 from test_train import QUICKSTART, load_config
 
 from receding_jax import experiment
+from receding_jax.compare import main
 from receding_jax.config import validate_config
 
 
@@ -17,8 +18,18 @@ def small_pipeline_config():
   return c
 
 
-def test_pipeline_writes_results_and_does_not_redo_finished_phases(tmp_path):
-  results = experiment.run(small_pipeline_config(), str(tmp_path))
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("pipeline")
+  return workdir, experiment.run(small_pipeline_config(), str(workdir))
+
+
+def is_png(path) -> bool:
+  return path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_pipeline_writes_results_and_does_not_redo_finished_phases(pipeline_run):
+  tmp_path, results = pipeline_run
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["ratios"].keys() == {"0.5"}
   entry = saved["ratios"]["0.5"]
@@ -32,6 +43,8 @@ def test_pipeline_writes_results_and_does_not_redo_finished_phases(tmp_path):
   # The fine-tuned model is the pruned architecture, not the original.
   spec = json.loads((tmp_path / "pruned_0.5" / "finetune" / "config.json").read_text())
   assert spec["penalty"]["kind"] == "none" and spec["optim"]["num_epochs"] == 2
+  for name in ("importances.png", "importances_per_epoch.png", "accuracy_vs_ratio.png"):
+    assert is_png(tmp_path / "plots" / name), name
   phase_files = [p for p in tmp_path.rglob("*") if "pruned_0.5" in str(p) or "checkpoints" in str(p)]
   before = {p: p.stat().st_mtime_ns for p in phase_files}
   again = experiment.run(small_pipeline_config(), str(tmp_path))
@@ -58,3 +71,15 @@ def test_bad_pipeline_configs_are_refused_before_any_work(tmp_path, key, value, 
   with pytest.raises(ValueError, match=match):
     experiment.run(c, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def test_compare_builds_one_table_and_figures_from_several_workdirs(pipeline_run, tmp_path):
+  workdir, results = pipeline_run
+  main(["--workdirs", f"{workdir},{workdir}", "--labels", "rni,again", "--output_dir", str(tmp_path / "cmp")])
+  table = (tmp_path / "cmp" / "comparison.md").read_text()
+  finetuned = f"{100 * results['ratios']['0.5']['finetuned']['eval_accuracy']:.2f}"
+  assert table.count(finetuned) == 2 and "| rni | 50% |" in table and "| again | 50% |" in table
+  assert is_png(tmp_path / "cmp" / "importances.png") and is_png(tmp_path / "cmp" / "accuracy_vs_ratio.png")
+  with pytest.raises(FileNotFoundError, match=r"metrics\.jsonl"):
+    main(["--workdirs", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "cmp2")])
+  assert not (tmp_path / "cmp2").exists()

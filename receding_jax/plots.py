@@ -1,0 +1,86 @@
+"""Figures of one or several experiment workdirs (PNG, matplotlib's Agg backend, no display needed).
+
+They read only what the loop writes: ``metrics.jsonl`` (a 100-bin histogram of all importances on [0, 1]
+per epoch) and ``results.json`` (accuracies per pruning ratio).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+from matplotlib import pyplot as plt
+
+
+def read_epochs(workdir: str) -> list[dict]:
+  """The per-epoch lines of ``metrics.jsonl``, the last line of each epoch winning."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: {workdir} holds no training run")
+  with open(path) as f:
+    by_epoch = {line["epoch"]: line for line in map(json.loads, f.read().splitlines())}
+  return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def importance_distribution(workdirs: Mapping[str, str], path: str) -> None:
+  """Overlaid histograms of the final importances of each run (bimodality shows as two modes)."""
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  edges = np.linspace(0.0, 1.0, 101)
+  for label, workdir in workdirs.items():
+    counts = np.asarray(read_epochs(workdir)[-1]["importance_histogram"], float)
+    ax.stairs(counts / max(counts.sum(), 1.0), edges, label=label, fill=len(workdirs) == 1, alpha=0.8)
+  ax.set(xlabel="importance (sigmoid(logit), or |gamma| clipped to 1)", ylabel="share of channels",
+         title="importances at the end of training")
+  ax.legend()
+  _save(fig, path)
+
+
+def importance_over_epochs(workdir: str, path: str) -> None:
+  """Importance histograms of every epoch as a heat map (epochs down, importance across)."""
+  epochs = read_epochs(workdir)
+  counts = np.asarray([e["importance_histogram"] for e in epochs], float)
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  image = ax.imshow(np.log1p(counts), aspect="auto", origin="lower", extent=(0, 1, 0.5, len(epochs) + 0.5),
+                    cmap="viridis")
+  ax.set(xlabel="importance", ylabel="epoch", title="importance histogram per epoch (log(1 + count))")
+  fig.colorbar(image, ax=ax)
+  _save(fig, path)
+
+
+def accuracy_vs_ratio(workdirs: Mapping[str, str], path: str) -> None:
+  """Eval accuracy right after one-shot pruning (dashed) and after fine-tuning (solid) per ratio."""
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  for i, (label, workdir) in enumerate(workdirs.items()):
+    results = read_results(workdir)
+    ratios = sorted(results["ratios"], key=float)
+    color = f"C{i}"
+    for key, style in (("pruned", "--"), ("finetuned", "-")):
+      points = [(float(r), results["ratios"][r][key]["eval_accuracy"]) for r in ratios
+                if key in results["ratios"][r]]
+      if points:
+        x, y = zip(*points, strict=True)
+        ax.plot(np.asarray(x) * 100, np.asarray(y) * 100, style, marker="o", color=color,
+                label=f"{label} {'fine-tuned' if key == 'finetuned' else 'pruned, no fine-tuning'}")
+  ax.set(xlabel="channels pruned (%)", ylabel="eval accuracy (%)", title="accuracy vs pruning ratio")
+  ax.legend(fontsize=7)
+  _save(fig, path)
+
+
+def read_results(workdir: str) -> dict:
+  path = os.path.join(workdir, "results.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: run the prune phase in {workdir} first")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _save(fig, path: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
