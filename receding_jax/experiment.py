@@ -104,7 +104,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   workdir = os.path.abspath(workdir)
   phases = tuple(config.phases)
   start = time.perf_counter()
-  trained = train.train_and_evaluate(config, workdir) if "train" in phases else _read_json_lines_last(workdir)
+  trained = train.train_and_evaluate(config, workdir) if "train" in phases else plots.read_epochs(workdir)[-1]
   results: dict[str, Any] = {"trained": {"eval_accuracy": trained.get("eval_accuracy"),
                                          "train_seconds": time.perf_counter() - start}, "ratios": {}}
   for ratio in config.prune.ratios:
@@ -131,14 +131,6 @@ def _plot(workdir: str, phases: tuple[str, ...]) -> None:
   plots.importance_over_epochs(workdir, os.path.join(out, "importances_per_epoch.png"))
   if "prune" in phases:
     plots.accuracy_vs_ratio({os.path.basename(workdir): workdir}, os.path.join(out, "accuracy_vs_ratio.png"))
-
-
-def _read_json_lines_last(workdir: str) -> dict[str, Any]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"phases {('prune', 'finetune')} need a trained run in {workdir}; add 'train'")
-  with open(path) as f:
-    return json.loads(f.read().splitlines()[-1])
 
 
 def results_table(results: dict[str, Any]) -> str:

@@ -113,18 +113,22 @@ def penalty_value(config: ml_collections.ConfigDict, strength: float, params: Py
   return strength * value
 
 
-def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, penalty_strength: float | None = None
+) -> optax.GradientTransformation:
   """METHOD.md section 4: penalty gradient -> SGD (Nesterov) with coupled weight decay; bounded norms get
-  ``norm_lr_multiplier`` x the learning rate and no decay; polarization clamps BatchNorm scales to [0, 1]."""
+  ``norm_lr_multiplier`` x the learning rate and no decay; polarization clamps BatchNorm scales to [0, 1].
+  `penalty_strength` defaults to `effective_penalty_strength(config, steps_per_epoch)`."""
   o = config.optim
   schedule = learning_rate_schedule(config, steps_per_epoch)
-  strength = effective_penalty_strength(config, steps_per_epoch)
+  if penalty_strength is None:
+    penalty_strength = effective_penalty_strength(config, steps_per_epoch)
 
   def sgd(lr):
     return optax.sgd(lr, momentum=o.momentum or None, nesterov=o.nesterov and o.momentum > 0)
 
   parts = [
-      penalty_transform(config, strength),
+      penalty_transform(config, penalty_strength),
       optax.multi_transform(
           {
               "default": optax.chain(optax.add_decayed_weights(o.weight_decay), sgd(schedule)),
@@ -236,8 +240,8 @@ def make_trainer(
 ) -> Trainer:
   """Builds the optimiser and jits init/train/eval with replicated state and a batch sharded over `mesh`
   (default: every device, `make_mesh`)."""
-  tx = make_optimizer(config, steps_per_epoch)
   strength = effective_penalty_strength(config, steps_per_epoch)
+  tx = make_optimizer(config, steps_per_epoch, strength)
   mesh = mesh or make_mesh()
   replicated = NamedSharding(mesh, P())
   train = jax.jit(
