@@ -2,62 +2,113 @@
 
     python -m receding_jax.compare --workdirs=runs/rni,runs/l1,runs/ucs --labels=rni,l1,ucs --output_dir=cmp
 
-Writes OUTPUT_DIR/comparison.md (per method and ratio: accuracy trained, right after pruning, after
-fine-tuning; importance shares below 0.05 and above 0.5) and PNG figures: overlaid importance
-distributions and accuracy vs pruning ratio.
+Workdirs given the same label are seeds of one config (their config.json may differ only in ``seed``)
+and aggregate to mean ± standard deviation:
+
+    python -m receding_jax.compare --workdirs=rni_s0,rni_s1,rni_s2,l1_s0,l1_s1,l1_s2 \\
+        --labels=rni,rni,rni,l1,l1,l1 --output_dir=cmp
+
+Writes OUTPUT_DIR/comparison.md (per method and ratio: validation and test accuracy trained, right after
+pruning, after fine-tuning; importance shares below 0.05 and above 0.5) and PNG figures: overlaid
+importance distributions and test accuracy vs pruning ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from collections.abc import Mapping, Sequence
 
 from receding_jax import plots
 
+STAGES = (("trained", "trained"), ("pruned", "pruned"), ("finetuned", "fine-tuned"))
 
-def comparison_table(workdirs: dict[str, str]) -> str:
-  lines = ["| method | pruned | acc. trained | acc. pruned | acc. fine-tuned | importances < 0.05 | > 0.5 |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
 
-  def pct(x):
-    return f"{100 * x:.2f}" if isinstance(x, (int, float)) else ""
+def _cell(values: Sequence[float | None]) -> str:
+  """'93.10' for one seed, '93.10 ± 0.42' (mean ± sample std, in %) for several; '' if any is missing."""
+  if not values or any(v is None for v in values):
+    return ""
+  mean, std = plots.mean_std([100 * v for v in values])
+  return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {std:.2f}"
 
-  for label, workdir in workdirs.items():
-    last = plots.read_epochs(workdir)[-1]
-    results = plots.read_results(workdir)
-    for ratio in sorted(results["ratios"], key=float):
-      entry = results["ratios"][ratio]
-      pruned, tuned = entry.get("pruned", {}), entry.get("finetuned", {})
-      lines.append(
-          f"| {label} | {float(ratio):.0%} | {pct(results['trained']['eval_accuracy'])} | "
-          f"{pct(pruned.get('eval_accuracy'))} | {pct(tuned.get('eval_accuracy'))} | "
-          f"{pct(last['importance_fraction_below_0.05'])} | {pct(last['importance_fraction_above_0.5'])} |"
-      )
+
+def check_seed_groups(groups: Mapping[str, Sequence[str]]) -> None:
+  """ValueError unless the workdirs of each label hold runs of one config that differ only in `seed`."""
+  for label, workdirs in groups.items():
+    configs = {}
+    for w in workdirs:
+      path = os.path.join(w, "config.json")
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: {w} holds no run")
+      with open(path) as f:
+        configs[w] = {k: v for k, v in json.load(f).items() if k != "seed"}
+    first = workdirs[0]
+    for w in workdirs[1:]:
+      if configs[w] != configs[first]:
+        diff = sorted(k for k in set(configs[w]) | set(configs[first]) if configs[w].get(k) != configs[first].get(k))
+        raise ValueError(f"label {label!r} groups {first} and {w}, whose configs differ in {diff} (not only "
+                         "the seed); give them different labels")
+
+
+def comparison_table(groups: Mapping[str, Sequence[str]]) -> str:
+  """Markdown: per label and ratio, accuracies as mean ± std over the label's seeds."""
+  lines = ["| method | seeds | pruned | split | acc. trained | acc. pruned | acc. fine-tuned | importances < 0.05 |"
+           " > 0.5 |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+  for label, workdirs in groups.items():
+    lasts = [plots.read_epochs(w)[-1] for w in workdirs]
+    runs = [plots.read_results(w) for w in workdirs]
+    below = _cell([x["importance_fraction_below_0.05"] for x in lasts])
+    above = _cell([x["importance_fraction_above_0.5"] for x in lasts])
+    splits = [s for s in ("validation", "test") if f"{s}_accuracy" in runs[0]["trained"]]
+    for ratio in sorted(runs[0]["ratios"], key=float):
+      for split in splits:
+        key = f"{split}_accuracy"
+        cells = [_cell([r["trained"].get(key) for r in runs])]
+        for stage, _ in STAGES[1:]:
+          cells.append(_cell([r["ratios"].get(ratio, {}).get(stage, {}).get(key) for r in runs]))
+        lines.append(f"| {label} | {len(workdirs)} | {float(ratio):.0%} | {split} | " + " | ".join(cells)
+                     + f" | {below} | {above} |")
   return "\n".join(lines)
 
 
-def compare(workdirs: dict[str, str], output_dir: str) -> str:
+def compare(groups: Mapping[str, Sequence[str]], output_dir: str) -> str:
   """Writes comparison.md and the figures into `output_dir`; returns the table."""
-  table = comparison_table(workdirs)  # Reads everything first: a missing run fails before any write.
+  check_seed_groups(groups)
+  table = comparison_table(groups)  # Reads everything first: a missing run fails before any write.
   os.makedirs(output_dir, exist_ok=True)
   with open(os.path.join(output_dir, "comparison.md"), "w") as f:
     f.write(table + "\n")
-  plots.importance_distribution(workdirs, os.path.join(output_dir, "importances.png"))
-  plots.accuracy_vs_ratio(workdirs, os.path.join(output_dir, "accuracy_vs_ratio.png"))
+  plots.importance_distribution(groups, os.path.join(output_dir, "importances.png"))
+  plots.accuracy_vs_ratio(groups, os.path.join(output_dir, "accuracy_vs_ratio.png"))
   return table
+
+
+def group_workdirs(workdirs: Sequence[str], labels: Sequence[str]) -> dict[str, list[str]]:
+  """{label: [workdir, ...]} in order of first appearance; labels default to the workdir names."""
+  if not labels:
+    labels = [os.path.basename(os.path.normpath(w)) for w in workdirs]
+  if len(labels) != len(workdirs):
+    raise ValueError(f"need one label per workdir, got {len(labels)} labels {list(labels)} for {len(workdirs)} "
+                     "workdirs")
+  groups: dict[str, list[str]] = {}
+  for label, workdir in zip(labels, workdirs, strict=True):
+    groups.setdefault(label, []).append(workdir)
+  return groups
 
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdirs", required=True, help="comma-separated experiment workdirs")
-  parser.add_argument("--labels", default="", help="comma-separated labels (default: the workdir names)")
+  parser.add_argument("--labels", default="",
+                      help="comma-separated labels (default: workdir names); a repeated label = seeds of one config")
   parser.add_argument("--output_dir", required=True)
   args = parser.parse_args(argv)
-  dirs = [d for d in args.workdirs.split(",") if d]
-  labels = [x for x in args.labels.split(",") if x] or [os.path.basename(os.path.normpath(d)) for d in dirs]
-  if len(labels) != len(dirs) or len(set(labels)) != len(labels):
-    parser.error(f"need one distinct label per workdir, got labels {labels} for {len(dirs)} workdirs")
-  print(compare(dict(zip(labels, dirs, strict=True)), args.output_dir))
+  try:
+    groups = group_workdirs([d for d in args.workdirs.split(",") if d], [x for x in args.labels.split(",") if x])
+  except ValueError as e:
+    parser.error(str(e))
+  print(compare(groups, args.output_dir))
   print(f"wrote {args.output_dir}")
 
 

@@ -34,7 +34,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset.folder = ""  # Root of an image folder (train/<class>/*.jpg, test/<class>/*.jpg).
   c.dataset.data_dir = ""  # tfds data_dir ('' = tfds' default).
   c.dataset.train_split = "train"
-  c.dataset.eval_split = "test"
+  c.dataset.eval_split = "test"  # The test split: only reported, never used to choose anything.
+  # Examples of `train_split` held out as the validation split, on which every choice (best checkpoint,
+  # per-epoch evaluation, comparing methods) is made; 0 = none: train on all and choose nothing.
+  c.dataset.validation_examples = 0
+  c.dataset.validation_seed = 0  # Which examples are held out (folder, digits); independent of `seed`.
   c.dataset.num_classes = 10
   c.dataset.image_size = 32  # Side of the square training/eval crops.
   c.dataset.augment = "cifar"  # One of AUGMENTATIONS.
@@ -73,7 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep_last = 2
-  c.checkpoint.keep_best = 1  # Also keep this many checkpoints with the best eval accuracy.
+  c.checkpoint.keep_best = 0  # Also keep this many with the best validation accuracy (needs a validation split).
   c.checkpoint.every_epochs = 1
 
   c.log_every_steps = 50
@@ -135,6 +139,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(d.image_size >= 1, "dataset.image_size", d.image_size, "positive")
   _check(len(d.mean) == len(d.std) and all(s > 0 for s in d.std), "dataset.std", d.std,
          "positive, one per channel, as many as dataset.mean")
+  _check(d.validation_examples >= 0, "dataset.validation_examples", d.validation_examples, "must be >= 0")
   _check(m.name in MODELS, "model.name", m.name, f"one of {sorted(MODELS)}")
   _check(m.norm in NORM_KINDS, "model.norm", m.norm, f"one of {NORM_KINDS}")
   _check(m.width_multiplier > 0, "model.width_multiplier", m.width_multiplier, "positive")
@@ -156,6 +161,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(0 <= o.warmup_epochs < o.num_epochs, "optim.warmup_epochs", o.warmup_epochs, "in [0, num_epochs)")
   _check(k.keep_last >= 1, "checkpoint.keep_last", k.keep_last, "at least 1")
   _check(k.keep_best >= 0, "checkpoint.keep_best", k.keep_best, "must be >= 0")
+  _check(k.keep_best == 0 or d.validation_examples > 0, "checkpoint.keep_best", k.keep_best,
+         "choosing the best checkpoint needs a validation split (dataset.validation_examples > 0); the test "
+         "split is never used to choose")
   _check(k.every_epochs >= 1, "checkpoint.every_epochs", k.every_epochs, "at least 1")
   _check(config.log_every_steps >= 1, "log_every_steps", config.log_every_steps, "at least 1")
   _check(config.eval_every_epochs >= 1, "eval_every_epochs", config.eval_every_epochs, "at least 1")

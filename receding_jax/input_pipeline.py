@@ -10,6 +10,13 @@ training loop assembles them into global arrays. Guarantees:
 - Evaluation: every example of the split counts exactly once: batches are padded with examples whose
   ``mask`` is 0, and every process runs the same number of batches.
 
+Splits have three roles (`ROLES`): ``train`` trains, ``validation`` is what every choice is made on, and
+``test`` is only reported. The validation split is carved out of the dataset's training split when
+``config.dataset.validation_examples`` > 0 (and ``train`` is then the rest): for a folder or the digits,
+a permutation seeded by ``config.dataset.validation_seed`` picks the held-out examples; for a tfds
+dataset it is the first examples of the split (tfds stores a split in a shuffled order, so these are a
+uniform sample, and tfds reads only the files it needs). ``test`` is ``config.dataset.eval_split``.
+
 Batches are dicts of numpy arrays: ``image`` float32 [batch, H, W, C] (normalised), ``label`` int32
 [batch], and in evaluation ``mask`` float32 [batch] (1 = real example).
 """
@@ -27,6 +34,7 @@ import tensorflow_datasets as tfds
 
 Batch = dict[str, np.ndarray]
 
+ROLES = ("train", "validation", "test")
 #: Digits (scikit-learn's embedded 8x8 images): the first DIGITS_TRAIN images train, the rest test.
 DIGITS_TRAIN = 1500
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -56,11 +64,47 @@ def _digits(split: str) -> tuple[np.ndarray, np.ndarray]:
   raise ValueError(f"the digits dataset has splits 'train' and 'test', got {split!r}")
 
 
-def load_shard(config: ml_collections.ConfigDict, split: str, process_index: int, process_count: int) -> Shard:
-  """This process's shard of `split` of the dataset that ``config.dataset`` names (see module doc)."""
+def held_out(total: int, num_held_out: int, seed: int) -> np.ndarray:
+  """bool [total]: which of `total` examples (by position in the split) are held out for validation;
+  `num_held_out` of them, chosen by a permutation seeded by `seed` alone."""
+  if not 0 < num_held_out < total:
+    raise ValueError(f"dataset.validation_examples = {num_held_out} must be in (0, {total}): the training "
+                     f"split has {total} examples and some must be left to train on")
+  mask = np.zeros(total, bool)
+  mask[np.random.default_rng(seed).permutation(total)[:num_held_out]] = True
+  return mask
+
+
+def _role_split(config: ml_collections.ConfigDict, role: str) -> tuple[str, bool | None]:
+  """(dataset split name, which part of it: None = all, True = held out, False = the rest)."""
+  if role not in ROLES:
+    raise ValueError(f"split role {role!r} is not one of {ROLES}")
+  if role == "test":
+    return config.dataset.eval_split, None
+  carved = config.dataset.validation_examples > 0
+  if role == "validation" and not carved:
+    raise ValueError("there is no validation split: set config.dataset.validation_examples > 0 to carve one "
+                     "out of the training split")
+  return config.dataset.train_split, (role == "validation") if carved else None
+
+
+def evaluation_roles(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The splits a run is evaluated on: ('validation', 'test') when a validation split is carved, else
+  ('test',). The first is the one evaluated every epoch."""
+  return ("validation", "test") if config.dataset.validation_examples > 0 else ("test",)
+
+
+def load_shard(config: ml_collections.ConfigDict, role: str, process_index: int, process_count: int) -> Shard:
+  """This process's shard of the `role` split ('train', 'validation' or 'test', see module doc) of the
+  dataset that ``config.dataset`` names."""
+  split, part = _role_split(config, role)
+  n_held, seed = config.dataset.validation_examples, config.dataset.validation_seed
   name = config.dataset.name
   if name == "digits":
     images, labels = _digits(split)
+    if part is not None:
+      keep = held_out(len(labels), n_held, seed) == part
+      images, labels = images[keep], labels[keep]
     total = len(labels)
     images, labels = images[process_index::process_count], labels[process_index::process_count]
     ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
@@ -70,11 +114,29 @@ def load_shard(config: ml_collections.ConfigDict, split: str, process_index: int
     builder = tfds.ImageFolder(config.dataset.folder)
     if split not in builder.info.splits:
       raise ValueError(f"image folder {config.dataset.folder} has splits {list(builder.info.splits)}, not {split!r}")
+    ds = builder.as_dataset(split=split, decoders=decoders)  # A fixed order (tfds shuffles by split name).
     total = builder.info.splits[split].num_examples
-    ds = builder.as_dataset(split=split, decoders=decoders).shard(process_count, process_index)
+    if part is not None:
+      keep = tf.constant(held_out(total, n_held, seed) == part)
+
+      def kept(index, example):
+        del example
+        return tf.gather(keep, index)
+
+      def drop_index(index, example):
+        del index
+        return example
+
+      ds = ds.enumerate().filter(kept).map(drop_index)
+      total = n_held if part else total - n_held
+    ds = ds.shard(process_count, process_index)
     local = len(range(process_index, total, process_count))
   else:
     builder = tfds.builder(name, data_dir=config.dataset.data_dir or None)
+    if part is not None:
+      size = _split_size(builder, split, decoders)
+      held_out(size, n_held, seed)  # Checks the count.
+      split = f"{split}[:{n_held}]" if part else f"{split}[{n_held}:]"
     sub = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
     ds = builder.as_dataset(split=sub, decoders=decoders)
     total = _split_size(builder, split, decoders)

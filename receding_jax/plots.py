@@ -1,14 +1,16 @@
 """Figures of one or several experiment workdirs (PNG, matplotlib's Agg backend, no display needed).
 
 They read only what the loop writes: ``metrics.jsonl`` (a 100-bin histogram of all importances on [0, 1]
-per epoch) and ``results.json`` (accuracies per pruning ratio).
+per epoch) and ``results.json`` (accuracies per pruning ratio). Functions that compare runs take
+``{label: [workdir, ...]}``: the workdirs of one label are seeds of one config, drawn as their mean (and
+standard deviation as error bars).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 import numpy as np
@@ -27,13 +29,14 @@ def read_epochs(workdir: str) -> list[dict]:
   return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def importance_distribution(workdirs: Mapping[str, str], path: str) -> None:
-  """Overlaid histograms of the final importances of each run (bimodality shows as two modes)."""
+def importance_distribution(groups: Mapping[str, Sequence[str]], path: str) -> None:
+  """Overlaid histograms of the final importances of each label (seeds pooled; bimodality shows as two
+  modes)."""
   fig, ax = plt.subplots(figsize=(6, 3.5))
   edges = np.linspace(0.0, 1.0, 101)
-  for label, workdir in workdirs.items():
-    counts = np.asarray(read_epochs(workdir)[-1]["importance_histogram"], float)
-    ax.stairs(counts / max(counts.sum(), 1.0), edges, label=label, fill=len(workdirs) == 1, alpha=0.8)
+  for label, workdirs in groups.items():
+    counts = sum(np.asarray(read_epochs(w)[-1]["importance_histogram"], float) for w in workdirs)
+    ax.stairs(counts / max(counts.sum(), 1.0), edges, label=label, fill=len(groups) == 1, alpha=0.8)
   ax.set(xlabel="importance (sigmoid(logit), or |gamma| clipped to 1)", ylabel="share of channels",
          title="importances at the end of training")
   ax.legend()
@@ -52,23 +55,31 @@ def importance_over_epochs(workdir: str, path: str) -> None:
   _save(fig, path)
 
 
-def accuracy_vs_ratio(workdirs: Mapping[str, str], path: str) -> None:
-  """Eval accuracy right after one-shot pruning (dashed) and after fine-tuning (solid) per ratio."""
+def accuracy_vs_ratio(groups: Mapping[str, Sequence[str]], path: str, metric: str = "test_accuracy") -> None:
+  """`metric` right after one-shot pruning (dashed) and after fine-tuning (solid) per ratio; mean over the
+  seeds of a label, their standard deviation as error bars."""
   fig, ax = plt.subplots(figsize=(6, 3.5))
-  for i, (label, workdir) in enumerate(workdirs.items()):
-    results = read_results(workdir)
-    ratios = sorted(results["ratios"], key=float)
-    color = f"C{i}"
+  for i, (label, workdirs) in enumerate(groups.items()):
+    runs = [read_results(w) for w in workdirs]
     for key, style in (("pruned", "--"), ("finetuned", "-")):
-      points = [(float(r), results["ratios"][r][key]["eval_accuracy"]) for r in ratios
-                if key in results["ratios"][r]]
+      points = []
+      for ratio in sorted(runs[0]["ratios"], key=float):
+        values = [r["ratios"][ratio][key][metric] for r in runs if key in r["ratios"].get(ratio, {})]
+        if len(values) == len(runs):
+          points.append((float(ratio), *mean_std(values)))
       if points:
-        x, y = zip(*points, strict=True)
-        ax.plot(np.asarray(x) * 100, np.asarray(y) * 100, style, marker="o", color=color,
-                label=f"{label} {'fine-tuned' if key == 'finetuned' else 'pruned, no fine-tuning'}")
-  ax.set(xlabel="channels pruned (%)", ylabel="eval accuracy (%)", title="accuracy vs pruning ratio")
+        x, y, err = (np.asarray(v) * 100 for v in zip(*points, strict=True))
+        ax.errorbar(x, y, yerr=err if len(runs) > 1 else None, fmt=style, marker="o", color=f"C{i}", capsize=3,
+                    label=f"{label} {'fine-tuned' if key == 'finetuned' else 'pruned, no fine-tuning'}")
+  ax.set(xlabel="channels pruned (%)", ylabel=f"{metric.replace('_', ' ')} (%)", title="accuracy vs pruning ratio")
   ax.legend(fontsize=7)
   _save(fig, path)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (ddof=1; 0 for a single value) of the seeds of one config."""
+  v = np.asarray(values, float)
+  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
 def read_results(workdir: str) -> dict:

@@ -253,14 +253,28 @@ def make_trainer(
   return Trainer(model, tx, mesh, train, evaluate, init, strength)
 
 
-def evaluate(trainer: Trainer, state: State, batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, float]:
-  """Accuracy and mean loss over every real example of the evaluation split."""
+def evaluate(
+    trainer: Trainer, state: State, batches: Iterable[Mapping[str, np.ndarray]], split: str
+) -> dict[str, float]:
+  """Accuracy and mean loss over every real example of `batches`, named after `split` ('validation',
+  'test'): {split_loss, split_accuracy, split_count}."""
   sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
   for local in batches:
     out = jax.device_get(trainer.evaluate(state, global_batch(trainer.mesh, local)))
     sums = {k: sums[k] + float(out[k]) for k in sums}
   count = max(sums["count"], 1.0)
-  return {"eval_loss": sums["loss"] / count, "eval_accuracy": sums["correct"] / count, "eval_count": sums["count"]}
+  return {f"{split}_loss": sums["loss"] / count, f"{split}_accuracy": sums["correct"] / count,
+          f"{split}_count": sums["count"]}
+
+
+def evaluate_splits(
+    trainer: Trainer, state: State, config: ml_collections.ConfigDict, shards: Mapping[str, input_pipeline.Shard]
+) -> dict[str, float]:
+  """`evaluate` on each of `shards` ({split role: shard})."""
+  out: dict[str, float] = {}
+  for split, shard in shards.items():
+    out.update(evaluate(trainer, state, input_pipeline.eval_batches(shard, config), split))
+  return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -327,15 +341,17 @@ def train_and_evaluate(
   model = model_from_spec(spec)
 
   pi, pc = jax.process_index(), jax.process_count()
-  train_shard = input_pipeline.load_shard(config, config.dataset.train_split, pi, pc)
-  eval_shard = input_pipeline.load_shard(config, config.dataset.eval_split, pi, pc)
+  train_shard = input_pipeline.load_shard(config, "train", pi, pc)
+  eval_shards = {role: input_pipeline.load_shard(config, role, pi, pc)
+                 for role in input_pipeline.evaluation_roles(config)}
+  every_epoch = dict(list(eval_shards.items())[:1])  # Validation if carved, else test; all at the end.
   steps_per_epoch = input_pipeline.steps_per_epoch(train_shard, config.optim.batch_size)
   trainer = make_trainer(config, model, steps_per_epoch)
   schedule = learning_rate_schedule(config, steps_per_epoch)
 
   manager = checkpointing.make_manager(
       os.path.join(workdir, "checkpoints"), keep_last=config.checkpoint.keep_last,
-      keep_best=config.checkpoint.keep_best, best_metric="eval_accuracy",
+      keep_best=config.checkpoint.keep_best, best_metric="validation_accuracy",
   )
   state = trainer.init()
   if manager.latest_step() is not None:
@@ -384,13 +400,16 @@ def train_and_evaluate(
     train_metrics = {f"train_{k}": float(np.mean(v)) for k, v in jax.device_get(_stack(step_metrics)).items()}
     summary = {"epoch": epoch + 1, "step": step, **train_metrics, "learning_rate": float(schedule(step - 1))}
     last = epoch + 1 == num_epochs
-    if (epoch + 1) % config.eval_every_epochs == 0 or last:
-      summary.update(evaluate(trainer, state, input_pipeline.eval_batches(eval_shard, config)))
+    if last:
+      summary.update(evaluate_splits(trainer, state, config, eval_shards))
+    elif (epoch + 1) % config.eval_every_epochs == 0:
+      summary.update(evaluate_splits(trainer, state, config, every_epoch))
     importances = neuron_importances(jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"]}))
     summary.update({f"importance_{k}": v for k, v in importance_summary(importances).items()})
     summary["epoch_seconds"] = time.perf_counter() - epoch_start
     if (epoch + 1) % config.checkpoint.every_epochs == 0 or last:
-      checkpointing.save(manager, step, state, spec, metrics={"eval_accuracy": summary.get("eval_accuracy", 0.0)})
+      checkpointing.save(manager, step, state, spec,
+                         metrics={"validation_accuracy": summary.get("validation_accuracy", 0.0)})
     _write_epoch(writer, workdir, summary, importances)
     elapsed = time.perf_counter() - run_start
     eta = elapsed / (epoch + 1 - start_epoch) * (num_epochs - epoch - 1)
@@ -429,8 +448,9 @@ def _check_finite(metrics: list[dict[str, jax.Array]], state: State, manager) ->
 def _epoch_line(summary: Mapping[str, Any], num_epochs: int) -> str:
   parts = [f"epoch {summary['epoch']}/{num_epochs}", f"loss {summary['train_loss']:.4f}",
            f"train acc {summary['train_accuracy']:.4f}"]
-  if "eval_accuracy" in summary:
-    parts.append(f"eval acc {summary['eval_accuracy']:.4f}")
+  for split, short in (("validation", "val"), ("test", "test")):
+    if f"{split}_accuracy" in summary:
+      parts.append(f"{short} acc {summary[f'{split}_accuracy']:.4f}")
   parts += [f"penalty {summary['train_penalty']:.3g}", f"lr {summary['learning_rate']:.3g}",
             f"importances <0.05 {summary['importance_fraction_below_0.05']:.1%}",
             f">0.5 {summary['importance_fraction_above_0.5']:.1%}"]

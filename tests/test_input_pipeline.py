@@ -97,12 +97,12 @@ def test_training_shards_are_disjoint_and_steps_agree_over_processes():
 
 
 def test_imagenet_style_preprocessing_gives_square_crops():
-  c = cifar_config(batch_size=4, name="imagenet2012", augment="imagenet", image_size=64)
+  c = cifar_config(batch_size=4, name="imagenet2012", augment="imagenet", image_size=64, eval_split="validation")
   c.dataset.mean, c.dataset.std = ip.IMAGENET_MEAN, ip.IMAGENET_STD
   with tfds.testing.mock_data(num_examples=8):
     shard = ip.load_shard(c, "train", 0, 1)
     train = next(iter(ip.train_batches(shard, c, 0)))
-    evaluation = next(iter(ip.eval_batches(ip.load_shard(c, "validation", 0, 1), c)))
+    evaluation = next(iter(ip.eval_batches(ip.load_shard(c, "test", 0, 1), c)))
   assert train["image"].shape == (4, 64, 64, 3) and evaluation["image"].shape == (4, 64, 64, 3)
   assert np.all(np.isfinite(train["image"])) and train["image"].std() > 0.1
 
@@ -112,3 +112,80 @@ def test_batch_larger_than_the_split_is_refused():
   c.dataset.name, c.optim.batch_size = "digits", 4096
   with pytest.raises(ValueError, match="4096"):
     ip.steps_per_epoch(ip.load_shard(c, "train", 0, 1), 4096)
+
+
+def encoded_images(shard):
+  return [ex["image"] for ex in shard.dataset.as_numpy_iterator()]
+
+
+def test_validation_is_carved_from_the_folder_training_split(cifar10_folder):
+  # The 10,000 test images stand in for a training split, so the test stays quick.
+  c = cifar_config(name="folder", folder=str(cifar10_folder), train_split="test", validation_examples=1000)
+  train, validation = ip.load_shard(c, "train", 0, 1), ip.load_shard(c, "validation", 0, 1)
+  assert (train.total_examples, validation.total_examples) == (9000, 1000)
+  train_images, val_images = encoded_images(train), encoded_images(validation)
+  assert (len(train_images), len(val_images)) == (9000, 1000)
+  assert len(set(train_images) | set(val_images)) == 10000  # Disjoint, and together the whole split.
+  labels = np.array([ex["label"] for ex in validation.dataset.as_numpy_iterator()])
+  assert np.bincount(labels, minlength=10).min() > 60  # A random sample, not the first classes.
+  # The held-out examples depend on validation_seed only, not on the training seed.
+  c.seed = 7
+  assert set(encoded_images(ip.load_shard(c, "validation", 0, 1))) == set(val_images)
+  c.dataset.validation_seed = 1
+  assert set(encoded_images(ip.load_shard(c, "validation", 0, 1))) != set(val_images)
+  # Over processes the validation shards are disjoint and cover it.
+  c.dataset.validation_seed = 0
+  parts = [encoded_images(ip.load_shard(c, "validation", p, 3)) for p in range(3)]
+  assert sorted(map(len, parts)) == [333, 333, 334] and set().union(*parts) == set(val_images)
+
+
+def test_validation_is_carved_from_the_digits_and_from_tfds():
+  c = default_config()
+  c.dataset.name, c.dataset.validation_examples = "digits", 300
+  train, validation = ip.load_shard(c, "train", 0, 1), ip.load_shard(c, "validation", 0, 1)
+  assert (train.num_examples, validation.num_examples) == (1200, 300)
+  rows = lambda shard: {ex["image"].tobytes() + bytes([ex["label"]]) for ex in shard.dataset.as_numpy_iterator()}
+  assert len(rows(train) & rows(validation)) < 5  # Only digits that happen to be pixel-identical.
+
+
+class TinyImages(tfds.core.GeneratorBasedBuilder):
+  """A real (not mocked) tfds dataset on disk: 40 random 32x32 images, labels 0..9, split 'train'."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(32, 32, 3)), "label": tfds.features.ClassLabel(num_classes=10)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(40)}
+
+  def _generate_examples(self, n):
+    rng = np.random.default_rng(0)
+    for i in range(n):
+      yield i, {"image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "label": i % 10}
+
+
+def test_validation_is_carved_from_a_tfds_split_and_sharded_over_processes(tmp_path):
+  TinyImages(data_dir=str(tmp_path)).download_and_prepare()
+  c = cifar_config(name="tiny_images", data_dir=str(tmp_path), validation_examples=10)
+  train, validation = ip.load_shard(c, "train", 0, 1), ip.load_shard(c, "validation", 0, 1)
+  assert (train.total_examples, validation.total_examples) == (30, 10)
+  assert len(all_batches(ip.train_batches(train, c, epoch=0))) == 30 // 8
+  assert not set(encoded_images(train)) & set(encoded_images(validation))
+  parts = [ip.load_shard(c, "train", p, 4) for p in range(4)]
+  assert sum(p.num_examples for p in parts) == 30 and {p.total_examples for p in parts} == {30}
+  assert set().union(*map(set, map(encoded_images, parts))) == set(encoded_images(train))
+
+
+def test_impossible_validation_splits_are_refused():
+  c = default_config()
+  c.dataset.name = "digits"
+  with pytest.raises(ValueError, match="no validation split"):
+    ip.load_shard(c, "validation", 0, 1)
+  c.dataset.validation_examples = 1500
+  with pytest.raises(ValueError, match="validation_examples = 1500"):
+    ip.load_shard(c, "train", 0, 1)
+  with pytest.raises(ValueError, match="'dev'"):
+    ip.load_shard(c, "dev", 0, 1)

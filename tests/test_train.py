@@ -21,7 +21,7 @@ from receding_jax.models import model_from_spec
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.py"
-# A smaller quickstart for the equality tests: 4/8/16 channels, 23 steps an epoch.
+# A smaller quickstart for the equality tests: 4/8/16 channels, 18 steps an epoch.
 TINY = ["--config.model.width_multiplier=0.25", "--config.log_every_steps=5", "--config.phases=('train',)"]
 
 
@@ -65,7 +65,9 @@ def test_quickstart_trains_end_to_end_beats_chance_and_recedes(quickstart_run):
   workdir, summary = quickstart_run
   config = load_config(QUICKSTART)
   assert summary["epoch"] == config.optim.num_epochs
-  assert summary["eval_accuracy"] > 0.6 and summary["eval_count"] == 297  # 10 classes: chance is 0.1.
+  # 300 of the 1,500 training digits are held out; the 297 test digits are only reported.
+  assert summary["validation_count"] == 300 and summary["test_count"] == 297
+  assert summary["validation_accuracy"] > 0.6 and summary["test_accuracy"] > 0.6  # 10 classes: chance is 0.1.
   assert summary["importance_fraction_below_0.05"] > 0.2  # The penalty made channels recede.
   lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [x["epoch"] for x in lines] == list(range(1, config.optim.num_epochs + 1))
@@ -73,7 +75,12 @@ def test_quickstart_trains_end_to_end_beats_chance_and_recedes(quickstart_run):
   assert lines[0]["learning_rate"] == pytest.approx(config.optim.learning_rate) and lines[-1]["learning_rate"] < 1e-3
   assert list(workdir.glob("events.out.tfevents.*"))
   state = final_params(workdir)
-  assert int(state["step"]) == summary["step"] == config.optim.num_epochs * (1500 // 64)
+  assert int(state["step"]) == summary["step"] == config.optim.num_epochs * (1200 // 64)
+  # Every epoch is evaluated on validation, only the last on test; the kept best is validation's best.
+  assert all("validation_accuracy" in x for x in lines) and ["test_accuracy" in x for x in lines[-1:]] == [True]
+  assert not any("test_accuracy" in x for x in lines[:-1])
+  best = max(lines, key=lambda x: x["validation_accuracy"])["step"]
+  assert best in checkpointing.make_manager(workdir / "checkpoints", create=False).all_steps()
   # The checkpoint's model spec rebuilds the model, and its eval accuracy is the one reported.
   _, spec = checkpointing.restore(checkpointing.make_manager(workdir / "checkpoints", create=False))
   assert spec == json.loads(json.dumps(model_spec(config)))
@@ -93,7 +100,7 @@ def test_rerunning_a_finished_run_changes_nothing_and_reports_its_result(quickst
   workdir, summary = quickstart_run
   before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
   again = train.train_and_evaluate(load_config(QUICKSTART), str(workdir))
-  assert again["eval_accuracy"] == summary["eval_accuracy"] and again["step"] == summary["step"]
+  assert again["test_accuracy"] == summary["test_accuracy"] and again["step"] == summary["step"]
   assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
 
 
@@ -110,6 +117,8 @@ def test_config_errors_name_the_bad_key_or_value():
       ("penalty.strength", -1.0, "-1.0"),
       ("dataset.name", "mnist", "mnist"),
       ("dataset.augment", "mixup", "mixup"),
+      ("dataset.validation_examples", -5, "-5"),
+      ("checkpoint.keep_best", 1, "the test split is never used to choose"),  # No validation split.
   ]:
     c = default_config()
     section, name = key.split(".")
@@ -161,10 +170,10 @@ def test_resume_after_kill_ends_with_the_same_parameters(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-  assert steps and steps[-1] < 5 * 23
+  assert steps and steps[-1] < 5 * 18
   run_main(tmp_path / "killed", *flags)
   whole, resumed = final_params(tmp_path / "whole"), final_params(tmp_path / "killed")
-  assert int(resumed["step"]) == 5 * 23
+  assert int(resumed["step"]) == 5 * 18
   assert_trees_close(whole, resumed, rtol=1e-6, atol=1e-7)
 
 
@@ -180,7 +189,7 @@ config = q.get_config()
 config.model.width_multiplier = 0.25
 model = model_from_spec(model_spec(config))
 one_device = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
-trainers = [train.make_trainer(config, model, 23), train.make_trainer(config, model, 23, mesh=one_device)]
+trainers = [train.make_trainer(config, model, 18), train.make_trainer(config, model, 18, mesh=one_device)]
 states = [t.init() for t in trainers]
 shard = ip.load_shard(config, "train", 0, 1)
 for i, local in zip(range(5), ip.train_batches(shard, config, 0)):
@@ -286,13 +295,14 @@ def test_every_shipped_config_is_valid_and_builds_its_model(path):
 def test_a_short_run_on_the_shared_cifar10_folder_learns(tmp_path, cifar10_folder):
   c = load_config(REPO / "configs" / "cifar10_folder.py")
   c.dataset.folder = str(cifar10_folder)
-  c.dataset.train_split = "test"  # 10,000 real images: one quick epoch.
+  c.dataset.train_split = "test"  # 10,000 real images (1,000 held out for validation): one quick epoch.
+  c.dataset.validation_examples = 1000
   c.model.name, c.model.width_multiplier = "cifar_resnet20", 0.25
   c.optim.num_epochs, c.optim.learning_rate, c.optim.decay_factor = 1, 0.05, 1.0
   c.penalty.relative_to_paper = False  # 78 steps: the paper-equivalent push would be ~1,700x the strength.
   summary = train.train_and_evaluate(c, str(tmp_path))
-  assert summary["eval_count"] == 10000
-  assert summary["eval_accuracy"] > 0.2  # Ten classes: chance is 0.1.
+  assert summary["validation_count"] == 1000 and summary["test_count"] == 10000
+  assert summary["validation_accuracy"] > 0.2 and summary["test_accuracy"] > 0.2  # Ten classes: chance is 0.1.
 
 
 def test_strength_relative_to_the_paper_keeps_the_integrated_push():
