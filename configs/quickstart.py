@@ -1,5 +1,5 @@
 """Quickstart: a small CIFAR ResNet with bounded norms and the receding penalty on scikit-learn's embedded
-8x8 digits (no download): train, prune one-shot at 30/50/70%, fine-tune each; about 2 minutes on 2 CPU cores.
+8x8 digits (no download): train, prune one-shot at 30/50/70%, fine-tune each; about 3 minutes on 2 CPU cores.
 300 of the 1,500 training digits are held out for validation (the best checkpoint is chosen there); the 297
 test digits are only reported."""
 
