@@ -21,8 +21,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 from receding_jax import plots
-
-STAGES = (("trained", "trained"), ("pruned", "pruned"), ("finetuned", "fine-tuned"))
+from receding_jax.config import differing_keys
 
 
 def _cell(values: Sequence[float | None]) -> str:
@@ -46,8 +45,8 @@ def check_seed_groups(groups: Mapping[str, Sequence[str]]) -> None:
     first = workdirs[0]
     for w in workdirs[1:]:
       if configs[w] != configs[first]:
-        diff = sorted(k for k in set(configs[w]) | set(configs[first]) if configs[w].get(k) != configs[first].get(k))
-        raise ValueError(f"label {label!r} groups {first} and {w}, whose configs differ in {diff} (not only "
+        raise ValueError(f"label {label!r} groups {first} and {w}, whose configs differ in "
+                         f"{differing_keys(configs[first], configs[w])} (not only "
                          "the seed); give them different labels")
 
 
@@ -65,7 +64,7 @@ def comparison_table(groups: Mapping[str, Sequence[str]]) -> str:
       for split in splits:
         key = f"{split}_accuracy"
         cells = [_cell([r["trained"].get(key) for r in runs])]
-        for stage, _ in STAGES[1:]:
+        for stage in ("pruned", "finetuned"):
           cells.append(_cell([r["ratios"].get(ratio, {}).get(stage, {}).get(key) for r in runs]))
         lines.append(f"| {label} | {len(workdirs)} | {float(ratio):.0%} | {split} | " + " | ".join(cells)
                      + f" | {below} | {above} |")

@@ -8,6 +8,7 @@ naming it, before a dataset is opened or a workdir is touched.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -177,6 +178,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(r.min_channels >= 1, "prune.min_channels", r.min_channels, "at least 1")
   _check(r.channel_multiple >= 1, "prune.channel_multiple", r.channel_multiple, "at least 1")
   _check(config.finetune.num_epochs >= 1, "finetune.num_epochs", config.finetune.num_epochs, "at least 1")
+
+
+def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+  """The top-level keys whose values differ between two configs (as dicts, e.g. read from config.json)."""
+  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def model_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:

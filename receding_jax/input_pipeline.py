@@ -64,12 +64,16 @@ def _digits(split: str) -> tuple[np.ndarray, np.ndarray]:
   raise ValueError(f"the digits dataset has splits 'train' and 'test', got {split!r}")
 
 
-def held_out(total: int, num_held_out: int, seed: int) -> np.ndarray:
-  """bool [total]: which of `total` examples (by position in the split) are held out for validation;
-  `num_held_out` of them, chosen by a permutation seeded by `seed` alone."""
+def _check_held_out_count(total: int, num_held_out: int) -> None:
   if not 0 < num_held_out < total:
     raise ValueError(f"dataset.validation_examples = {num_held_out} must be in (0, {total}): the training "
                      f"split has {total} examples and some must be left to train on")
+
+
+def held_out(total: int, num_held_out: int, seed: int) -> np.ndarray:
+  """bool [total]: which of `total` examples (by position in the split) are held out for validation;
+  `num_held_out` of them, chosen by a permutation seeded by `seed` alone."""
+  _check_held_out_count(total, num_held_out)
   mask = np.zeros(total, bool)
   mask[np.random.default_rng(seed).permutation(total)[:num_held_out]] = True
   return mask
@@ -134,8 +138,7 @@ def load_shard(config: ml_collections.ConfigDict, role: str, process_index: int,
   else:
     builder = tfds.builder(name, data_dir=config.dataset.data_dir or None)
     if part is not None:
-      size = _split_size(builder, split, decoders)
-      held_out(size, n_held, seed)  # Checks the count.
+      _check_held_out_count(_split_size(builder, split, decoders), n_held)
       split = f"{split}[:{n_held}]" if part else f"{split}[{n_held}:]"
     sub = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
     ds = builder.as_dataset(split=sub, decoders=decoders)

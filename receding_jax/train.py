@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from receding_jax import checkpointing, input_pipeline, penalties
-from receding_jax.config import PAPER_SCHEDULE, default_config, model_spec, validate_config
+from receding_jax.config import PAPER_SCHEDULE, default_config, differing_keys, model_spec, validate_config
 from receding_jax.importances import importance_summary, neuron_importances
 from receding_jax.models import model_from_spec
 from receding_jax.norm import LOGIT_NAME
@@ -289,8 +289,8 @@ def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> No
     with open(path) as f:
       saved = json.load(f)
     if saved != current:
-      diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-      raise ValueError(f"workdir {workdir} holds a run of another config (differs in {diff}); use a new workdir")
+      raise ValueError(f"workdir {workdir} holds a run of another config (differs in "
+                       f"{differing_keys(saved, current)}); use a new workdir")
   elif jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(path + ".tmp", "w") as f:  # Atomic: other processes never read half a file.
@@ -342,9 +342,9 @@ def train_and_evaluate(
 
   pi, pc = jax.process_index(), jax.process_count()
   train_shard = input_pipeline.load_shard(config, "train", pi, pc)
-  eval_shards = {role: input_pipeline.load_shard(config, role, pi, pc)
-                 for role in input_pipeline.evaluation_roles(config)}
-  every_epoch = dict(list(eval_shards.items())[:1])  # Validation if carved, else test; all at the end.
+  roles = input_pipeline.evaluation_roles(config)
+  eval_shards = {role: input_pipeline.load_shard(config, role, pi, pc) for role in roles}
+  every_epoch = {roles[0]: eval_shards[roles[0]]}  # Validation if carved, else test; all at the end.
   steps_per_epoch = input_pipeline.steps_per_epoch(train_shard, config.optim.batch_size)
   trainer = make_trainer(config, model, steps_per_epoch)
   schedule = learning_rate_schedule(config, steps_per_epoch)
