@@ -1,7 +1,7 @@
 """Quickstart: a small CIFAR ResNet with bounded norms and the receding penalty on scikit-learn's embedded
 8x8 digits (no download): train, prune one-shot at 30/50/70%, fine-tune each; about 3 minutes on 2 CPU cores.
-300 of the 1,500 training digits are held out for validation (the best checkpoint is chosen there); the 297
-test digits are only reported."""
+300 of the 1,500 training digits are held out for validation: the checkpoint pruned is the one with the best
+validation accuracy (`prune.source = "best"`; ties go to the later epoch); the 297 test digits are only reported."""
 
 from receding_jax.config import default_config
 
@@ -26,5 +26,6 @@ def get_config():
   c.log_every_steps = 10
   c.phases = ("train", "prune", "finetune")
   c.prune.ratios = (0.3, 0.5, 0.7)
+  c.prune.source = "best"
   c.finetune.num_epochs = 5
   return c

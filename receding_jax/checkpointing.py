@@ -11,6 +11,8 @@ mid-save leaves the previous steps intact and the partial one invisible.
 from __future__ import annotations
 
 import os
+import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +22,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 PyTree = Any
+_SETTLE_SECONDS = 1.0
 
 
 def make_manager(
@@ -68,22 +71,61 @@ def latest_step(manager: ocp.CheckpointManager) -> int | None:
   return manager.latest_step()
 
 
+class DamagedCheckpointError(ValueError):
+  """A checkpoint step exists but cannot be read (a missing, truncated or corrupt file)."""
+
+
+def damage_description(error: BaseException) -> str:
+  """One line saying what is wrong with a step, from what orbax/tensorstore raised: the kind of damage
+  and the innermost file and reason (tensorstore's specs left out)."""
+  text = str(error).split(" [tensorstore_spec")[0].strip()
+  files = list(re.finditer(r'local file "([^"]+)": ', text))
+  if files:
+    detail = f"{files[-1].group(1)}: {text[files[-1].end():]}"
+  else:
+    detail = text.splitlines()[0] if text else type(error).__name__
+  missing = isinstance(error, FileNotFoundError) or "does not exist" in text or "NOT_FOUND" in text
+  kind = "a missing file" if missing else "a truncated or corrupt file"
+  return f"{kind} ({detail[:300]})"
+
+
 def restore(
     manager: ocp.CheckpointManager, step: int | None = None, target: PyTree | None = None
 ) -> tuple[PyTree, dict]:
   """(state, model_spec) of `step` (default: the newest). `target` (arrays or `jax.ShapeDtypeStruct`s,
   shardings included) gives the restored structure and placement; without it the saved tree comes back
   as numpy arrays on the host, whatever topology saved it. Raises FileNotFoundError when there is no
-  such step and ValueError when it cannot be read."""
+  such step and DamagedCheckpointError (one line: directory, step, kind of damage) when it cannot be read;
+  nothing on disk is changed either way."""
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
     raise FileNotFoundError(f"no checkpoint step {step} in {manager.directory} (steps: {manager.all_steps()})")
   try:
+    metadata = manager.item_metadata(step)["state"]  # Reads every array's metadata: finds most damage.
     if target is None:  # Host numpy arrays, whatever devices wrote them (a TPU slice's checkpoint on a CPU).
-      metadata = manager.item_metadata(step)["state"]
       target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), metadata)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(target), model=ocp.args.JsonRestore())
     restored = manager.restore(step, args=args)
   except Exception as e:  # orbax raises many kinds for a damaged step; name the step and the directory.
-    raise ValueError(f"checkpoint step {step} in {manager.directory} cannot be read: {e}") from e
+    # A failed read leaves tensorstore's other reads running; they report to a closed event loop on
+    # stderr. Let them finish first, so that this error is the last thing the user reads.
+    time.sleep(_SETTLE_SECONDS)
+    raise DamagedCheckpointError(
+        f"checkpoint step {step} in {manager.directory} is damaged: {damage_description(e)}"
+    ) from None
   return restored["state"], dict(restored["model"])
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves the (damaged) step `step` out of the manager's directory into ``<directory>_damaged/<step>``, on
+  process 0, so that resuming from an older step can save this step number again; returns where it went."""
+  source = os.path.join(os.fspath(manager.directory), str(step))
+  target = os.path.join(os.fspath(manager.directory) + "_damaged", f"{step}_{int(time.time())}")
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.replace(source, target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"set_aside {source}")
+  return target

@@ -8,7 +8,8 @@ naming it, before a dataset is opened or a workdir is touched.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -21,6 +22,7 @@ AUGMENTATIONS = ("cifar", "imagenet", "none")
 PENALTIES = ("rni", "l1", "polarization", "none")
 SCHEDULES = ("step", "cosine")
 PHASES = ("train", "prune", "finetune")
+PRUNE_SOURCES = ("last", "best")
 #: Which norm each penalty acts on.
 PENALTY_NORM = {"rni": "bounded", "l1": "batch", "polarization": "batch"}
 
@@ -51,7 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.name = "cifar_vgg16"  # A key of receding_jax.models.MODELS.
   c.model.norm = "bounded"  # 'bounded' (BoundedScaleNorm) or 'batch' (BatchNorm).
   c.model.width_multiplier = 1.0
-  c.model.batch_norm_scale_init = 1.0  # gamma init of 'batch' norms (0.5 for L1 and polarization).
+  c.model.batch_norm_scale_init = 1.0  # gamma init of 'batch' norms (0.5 in the paper's L1/polarization/UCS).
 
   c.penalty = ml_collections.ConfigDict()
   c.penalty.kind = "rni"  # One of PENALTIES.
@@ -83,6 +85,10 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.log_every_steps = 50
   c.eval_every_epochs = 1
+  # Also evaluate the test split every epoch (only reported, never used to choose): what the paper's
+  # convention, the best test accuracy over epochs, needs when there is a validation split. Without one,
+  # test is the split evaluated every epoch anyway.
+  c.eval_test_every_epoch = False
 
   # The experiment: which phases `python -m receding_jax.main` runs (in this order), and their settings.
   c.phases = ("train",)  # Any of PHASES, in order: train -> prune (one-shot, each ratio) -> finetune.
@@ -91,6 +97,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.prune.scope = "global"  # 'global' (RNI, L1, polarization) or 'local' (UCS).
   c.prune.min_channels = 3
   c.prune.channel_multiple = 1
+  # Which trained checkpoint is pruned: 'last' (the end of training) or 'best' (the highest validation
+  # accuracy among the kept checkpoints, ties going to the later step; needs checkpoint.keep_best >= 1).
+  c.prune.source = "last"
   c.finetune = ml_collections.ConfigDict()
   c.finetune.num_epochs = 160  # Same schedule as training (scaled to this length), no penalty.
   return c
@@ -114,9 +123,42 @@ def _type_ok(value: Any, default: Any) -> bool:
   return isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
 
 
+class ConfigError(ValueError):
+  """A config that cannot run: an unknown or missing key, a mistyped or impossible value."""
+
+
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
   if not ok:
-    raise ValueError(f"config.{key} = {value!r}: {expected}")
+    raise ConfigError(f"config.{key} = {value!r}: {expected}")
+
+
+def known_keys() -> list[str]:
+  """Every config key ('optim.batch_size', ...), sorted."""
+  return sorted(k for k, _ in _walk(default_config()))
+
+
+def unknown_keys_message(unknown: Sequence[str]) -> str:
+  """'unknown config keys [...]' with the nearest known key for each, on one line."""
+  known = known_keys()
+  hints = {k: close[0] for k in unknown if (close := difflib.get_close_matches(k, known, n=1))}
+  if len(unknown) == 1 and hints:
+    hint = f" (did you mean {hints[unknown[0]]!r}?)"
+  else:
+    hint = "".join(f" ({v!r} for {k!r}?)" for k, v in hints.items())
+  return f"unknown config keys {sorted(unknown)}{hint}; every key and its default is in receding_jax/config.py"
+
+
+def check_override_flags(argv: Sequence[str], flag: str = "config") -> None:
+  """ConfigError for any ``--config.KEY=value`` (or ``--noconfig.KEY``) whose KEY is not a config key, before
+  absl parses the flags (ml_collections would fail there with a long traceback)."""
+  unknown = []
+  for arg in argv:
+    name = arg.lstrip("-").split("=", 1)[0]
+    for prefix in (f"{flag}.", f"no{flag}."):
+      if arg.startswith("--") and name.startswith(prefix) and name[len(prefix):] not in known_keys():
+        unknown.append(name[len(prefix):])
+  if unknown:
+    raise ConfigError(unknown_keys_message(unknown))
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -125,10 +167,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   given = dict(_walk(config))
   unknown = sorted(set(given) - set(defaults))
   if unknown:
-    raise ValueError(f"unknown config keys {unknown}; the known keys are {sorted(defaults)}")
+    raise ConfigError(unknown_keys_message(unknown))
   missing = sorted(set(defaults) - set(given))
   if missing:
-    raise ValueError(f"config lacks keys {missing}")
+    raise ConfigError(f"config lacks keys {missing}")
   for key, value in given.items():
     _check(_type_ok(value, defaults[key]), key, value, f"expected a {type(defaults[key]).__name__}")
 
@@ -177,6 +219,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(r.scope in SCOPES, "prune.scope", r.scope, f"one of {SCOPES}")
   _check(r.min_channels >= 1, "prune.min_channels", r.min_channels, "at least 1")
   _check(r.channel_multiple >= 1, "prune.channel_multiple", r.channel_multiple, "at least 1")
+  _check(r.source in PRUNE_SOURCES, "prune.source", r.source, f"one of {PRUNE_SOURCES}")
+  _check(r.source != "best" or k.keep_best >= 1, "prune.source", r.source,
+         "pruning the best checkpoint needs checkpoint.keep_best >= 1 (and so a validation split)")
   _check(config.finetune.num_epochs >= 1, "finetune.num_epochs", config.finetune.num_epochs, "at least 1")
 
 
@@ -224,7 +269,7 @@ DATASET_STATS = {
 def paper_config(dataset: str, model: str, method: str) -> ml_collections.ConfigDict:
   """The config of one paper experiment: `dataset` in DATASET_STATS, `model` a zoo name, `method` one
   of 'rni', 'l1', 'ucs', 'polarization' (RNI = bounded norms + receding penalty; the others BatchNorm,
-  gamma init 0.5 for L1 and polarization as in their papers, 1.0 for UCS)."""
+  gamma init 0.5 as in the official code, UCS included)."""
   family = "vgg" if "vgg" in model else "resnet"
   if (method, family) not in PAPER_PENALTIES:
     raise ValueError(f"unknown method {method!r}; choose one of rni, l1, ucs, polarization")
@@ -236,7 +281,7 @@ def paper_config(dataset: str, model: str, method: str) -> ml_collections.Config
     c.dataset[key] = value
   c.model.name = model
   c.model.norm = "bounded" if method == "rni" else "batch"
-  c.model.batch_norm_scale_init = {"l1": 0.5, "polarization": 0.5}.get(method, 1.0)
+  c.model.batch_norm_scale_init = 0.5  # The official vgg16.py/resnet56.py, for every BatchNorm method.
   for key, value in PAPER_PENALTIES[(method, family)].items():
     c.penalty[key] = value
   c.phases = PHASES

@@ -2,11 +2,15 @@
 
 Workdir layout (every phase resumes from its own checkpoints; a finished phase is not redone):
   config.json, checkpoints/, metrics.jsonl, events.*     training (`train.train_and_evaluate`)
+  best_eval.json                                         with prune.source 'best': that checkpoint's accuracy
   pruned_<ratio>/pruned/                                 the pruned network (step 0) + pruning_report.json
   pruned_<ratio>/pruned_eval.json                        its accuracy before any fine-tuning
   pruned_<ratio>/finetune/                               fine-tuning run (no penalty)
   results.json, results.md                               per ratio: accuracies, params/FLOPs, wall times
   plots/*.png                                            importances (final, per epoch), accuracy vs ratio
+results.json is written last and records the config: a rerun of the same config finds it and returns it
+without touching anything. Every decision "is this phase done?" is process 0's (`workdir_files.agree`), so
+the processes of a multi-host run never disagree; only process 0 writes or deletes.
 """
 
 from __future__ import annotations
@@ -20,29 +24,14 @@ from typing import Any
 import jax
 import ml_collections
 
-from receding_jax import checkpointing, input_pipeline, plots, train
+from receding_jax import checkpointing, input_pipeline, plots, train, workdir_files
 from receding_jax.config import validate_config
 from receding_jax.models import model_from_spec
-from receding_jax.prune_checkpoint import prune_checkpoint
+from receding_jax.prune_checkpoint import REPORT_NAME, prune_checkpoint
 
 #: What results.json reports per network: validation (every choice is made on it) and test accuracy.
 ACCURACY_KEYS = ("validation_accuracy", "test_accuracy")
-
-
-def _read_json(path: str) -> dict[str, Any] | None:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def _write_json(path: str, value: Any) -> None:
-  """Atomically (a kill never leaves half a file)."""
-  if jax.process_index() != 0:
-    return
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=2)
-  os.replace(path + ".tmp", path)
+RESULTS_NAME = "results.json"
 
 
 def finetune_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -55,10 +44,14 @@ def finetune_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   return c
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint_dir: str) -> dict[str, float]:
-  """Accuracy and loss on the validation (if carved) and test splits of the newest checkpoint in
-  `checkpoint_dir` (its own model spec)."""
-  state, spec = checkpointing.restore(checkpointing.make_manager(checkpoint_dir, create=False))
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, checkpoint_dir: str, step: int | None = None
+) -> dict[str, float]:
+  """Accuracy and loss on the validation (if carved) and test splits of checkpoint `step` (default: the
+  newest) in `checkpoint_dir` (its own model spec)."""
+  manager = checkpointing.make_manager(checkpoint_dir, create=False)
+  state, spec = checkpointing.restore(manager, step)
+  manager.close()
   model = model_from_spec(spec)
   trainer = train.make_trainer(config, model, steps_per_epoch=1)
   shards = {role: input_pipeline.load_shard(config, role, jax.process_index(), jax.process_count())
@@ -66,84 +59,153 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint_dir: str) 
   return train.evaluate_splits(trainer, {k: state[k] for k in ("params", "batch_stats")}, config, shards)
 
 
-def prune_phase(config: ml_collections.ConfigDict, workdir: str, ratio: float) -> dict[str, Any]:
-  """One-shot pruning of the trained network at `ratio` and its accuracy before fine-tuning."""
+def _stored_or_computed(path: str, compute, matches=lambda v: True) -> dict[str, Any]:
+  """The JSON at `path` if process 0 finds it there (and it `matches`), else `compute()` written there."""
+  stored = workdir_files.read_json(path)
+  if workdir_files.agree(stored is not None and matches(stored)):
+    return stored if stored is not None else workdir_files.read_json(path)
+  value = compute()
+  workdir_files.write_json(path, value)
+  return value
+
+
+def trained_network(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The trained checkpoint that pruning starts from (`prune.source`) and its accuracies: {'source', 'step',
+  'epoch', validation/test accuracy, 'train_seconds' (the epochs' wall times, summed over every attempt),
+  'max_test_accuracy_over_epochs' (the paper's convention, where test was evaluated every epoch)}."""
+  epochs = plots.read_epochs(workdir)
+  common = {"train_seconds": sum(e.get("epoch_seconds", 0.0) for e in epochs),
+            "max_test_accuracy_over_epochs": plots.max_test_accuracy(epochs)}
+  chosen = epochs[-1]
+  if config.prune.source == "best":
+    manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"), create=False)
+    kept = set(manager.all_steps())
+    manager.close()
+    candidates = [e for e in epochs if e["step"] in kept and "validation_accuracy" in e]
+    if not candidates:
+      raise FileNotFoundError(f"no kept checkpoint in {workdir}/checkpoints has a validation accuracy")
+    chosen = max(candidates, key=lambda e: (e["validation_accuracy"], e["step"]))  # Ties: the later step.
+  accuracies = {k: chosen[k] for k in ACCURACY_KEYS if k in chosen}
+  if "test_accuracy" not in accuracies:  # Only the last epoch is evaluated on every split.
+    accuracies = _stored_or_computed(
+        os.path.join(workdir, "best_eval.json"),
+        lambda: {"step": chosen["step"], **evaluate_checkpoint(config, os.path.join(workdir, "checkpoints"),
+                                                               chosen["step"])},
+        lambda v: v.get("step") == chosen["step"])
+    accuracies = {k: accuracies[k] for k in ACCURACY_KEYS if k in accuracies}
+  return {"source": config.prune.source, "step": chosen["step"], "epoch": chosen["epoch"], **accuracies, **common}
+
+
+def prune_phase(config: ml_collections.ConfigDict, workdir: str, ratio: float, step: int) -> dict[str, Any]:
+  """One-shot pruning of the trained checkpoint `step` at `ratio` and its accuracy before fine-tuning."""
   ratio_dir = os.path.join(workdir, f"pruned_{ratio:g}")
   pruned_dir = os.path.join(ratio_dir, "pruned")
-  report_path = os.path.join(pruned_dir, "pruning_report.json")
+  report_path = os.path.join(pruned_dir, REPORT_NAME)
   eval_path = os.path.join(ratio_dir, "pruned_eval.json")
-  done = _read_json(eval_path)
-  if done is not None and os.path.exists(report_path):
-    return done
+  if workdir_files.agree(os.path.exists(eval_path) and os.path.exists(report_path)):
+    return workdir_files.read_json(eval_path)
   start = time.perf_counter()
-  if not os.path.exists(report_path) and os.path.exists(pruned_dir):
-    shutil.rmtree(pruned_dir)  # Our own output of an interrupted attempt: the report is written last.
-  if not os.path.exists(report_path):
-    prune_checkpoint(
-        os.path.join(workdir, "checkpoints"), pruned_dir, ratio=ratio, scope=config.prune.scope,
+  if workdir_files.agree(os.path.exists(report_path)):  # Pruned, not evaluated yet.
+    report = workdir_files.read_json(report_path)
+  else:
+    if workdir_files.is_writer() and os.path.exists(pruned_dir):
+      shutil.rmtree(pruned_dir)  # Our own output of an interrupted attempt: the report is written last.
+    workdir_files.sync(f"cleared {pruned_dir}")
+    report = prune_checkpoint(
+        os.path.join(workdir, "checkpoints"), pruned_dir, step=step, ratio=ratio, scope=config.prune.scope,
         min_channels=config.prune.min_channels, channel_multiple=config.prune.channel_multiple,
     )
-  result = {**evaluate_checkpoint(config, pruned_dir), "report": _read_json(report_path),
+  result = {**evaluate_checkpoint(config, pruned_dir), "report": report,
             "prune_seconds": time.perf_counter() - start}
-  _write_json(eval_path, result)
+  workdir_files.write_json(eval_path, result)
   return result
 
 
-def finetune_phase(config: ml_collections.ConfigDict, workdir: str, ratio: float) -> dict[str, Any]:
-  """Fine-tunes the pruned network of `ratio` (resuming if interrupted); returns its final metrics."""
+def finetune_phase(
+    config: ml_collections.ConfigDict, workdir: str, ratio: float, skip_damaged_checkpoints: bool = False
+) -> dict[str, Any]:
+  """Fine-tunes the pruned network of `ratio` (resuming if interrupted); returns its final metrics, with
+  'finetune_seconds' (its epochs' wall times) and the paper's 'max_test_accuracy_over_epochs'."""
   ratio_dir = os.path.join(workdir, f"pruned_{ratio:g}")
-  pruned_dir = os.path.join(ratio_dir, "pruned")
-  state, spec = checkpointing.restore(checkpointing.make_manager(pruned_dir, create=False))
-  start = time.perf_counter()
+  manager = checkpointing.make_manager(os.path.join(ratio_dir, "pruned"), create=False)
+  state, spec = checkpointing.restore(manager)
+  manager.close()
+  finetune_dir = os.path.join(ratio_dir, "finetune")
   summary = train.train_and_evaluate(
-      finetune_config(config), os.path.join(ratio_dir, "finetune"), spec=spec,
+      finetune_config(config), finetune_dir, spec=spec,
       init_variables={k: state[k] for k in ("params", "batch_stats")},
+      skip_damaged_checkpoints=skip_damaged_checkpoints,
   )
-  return {**summary, "finetune_seconds": time.perf_counter() - start}
+  epochs = plots.read_epochs(finetune_dir)
+  return {**summary, "finetune_seconds": sum(e.get("epoch_seconds", 0.0) for e in epochs),
+          "max_test_accuracy_over_epochs": plots.max_test_accuracy(epochs)}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the phases of `config` in `workdir` and writes results.json and results.md."""
+def recorded_results(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
+  """The results of a finished run of exactly `config` in `workdir`, or None."""
+  results = workdir_files.read_json(os.path.join(workdir, RESULTS_NAME))
+  if results is None or results.get("config") != json.loads(config.to_json_best_effort()):
+    return None
+  return results
+
+
+def run(
+    config: ml_collections.ConfigDict, workdir: str, *, skip_damaged_checkpoints: bool = False
+) -> dict[str, Any]:
+  """Runs the phases of `config` in `workdir` and writes results.json and results.md; a finished run of the
+  same config returns its recorded results at once and changes nothing. The workdir is locked meanwhile.
+  `skip_damaged_checkpoints`: see `train.resume`."""
   validate_config(config)
   workdir = os.path.abspath(workdir)
-  phases = tuple(config.phases)
-  start = time.perf_counter()
-  trained = train.train_and_evaluate(config, workdir) if "train" in phases else plots.read_epochs(workdir)[-1]
-  accuracies = {k: trained[k] for k in ACCURACY_KEYS if k in trained}
-  results: dict[str, Any] = {"trained": {**accuracies, "train_seconds": time.perf_counter() - start},
-                             "ratios": {}}
-  for ratio in config.prune.ratios:
-    entry: dict[str, Any] = {}
-    if "prune" in phases:
-      entry["pruned"] = prune_phase(config, workdir, ratio)
-    if "finetune" in phases:
-      entry["finetuned"] = finetune_phase(config, workdir, ratio)
-    results["ratios"][f"{ratio:g}"] = entry
-  _write_json(os.path.join(workdir, "results.json"), results)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-      f.write(results_table(results) + "\n")
-    _plot(workdir, phases)
+  recorded = recorded_results(config, workdir)
+  if workdir_files.agree(recorded is not None):
+    print(f"{workdir} holds a finished run of this config; its recorded results:", flush=True)
+    print(results_table(recorded), flush=True)
+    return recorded
+  with workdir_files.hold(workdir):
+    results = _run_phases(config, workdir, skip_damaged_checkpoints)
   print(results_table(results), flush=True)
   return results
 
 
-def _plot(workdir: str, phases: tuple[str, ...]) -> None:
+def _run_phases(config: ml_collections.ConfigDict, workdir: str, skip_damaged: bool) -> dict[str, Any]:
+  phases = tuple(config.phases)
+  if "train" in phases:
+    train.train_and_evaluate(config, workdir, skip_damaged_checkpoints=skip_damaged)
+  trained = trained_network(config, workdir)
+  results: dict[str, Any] = {"trained": trained, "ratios": {}}
+  for ratio in config.prune.ratios:
+    entry: dict[str, Any] = {}
+    if "prune" in phases:
+      entry["pruned"] = prune_phase(config, workdir, ratio, trained["step"])
+    if "finetune" in phases:
+      entry["finetuned"] = finetune_phase(config, workdir, ratio, skip_damaged)
+    results["ratios"][f"{ratio:g}"] = entry
+  results["config"] = json.loads(config.to_json_best_effort())
+  workdir_files.write_text(os.path.join(workdir, "results.md"), results_table(results) + "\n")
+  if workdir_files.is_writer():
+    _plot(workdir, phases, results)
+  workdir_files.write_json(os.path.join(workdir, RESULTS_NAME), results)  # Last: marks the run finished.
+  return results
+
+
+def _plot(workdir: str, phases: tuple[str, ...], results: dict[str, Any]) -> None:
   """PNG figures in workdir/plots: final importance distribution, histograms per epoch, and accuracy
   vs pruning ratio when pruning ran."""
   out = os.path.join(workdir, "plots")
   plots.importance_distribution({"final": [workdir]}, os.path.join(out, "importances.png"))
   plots.importance_over_epochs(workdir, os.path.join(out, "importances_per_epoch.png"))
   if "prune" in phases:
-    plots.accuracy_vs_ratio({os.path.basename(workdir): [workdir]}, os.path.join(out, "accuracy_vs_ratio.png"))
+    plots.accuracy_vs_ratio({os.path.basename(workdir): [workdir]}, os.path.join(out, "accuracy_vs_ratio.png"),
+                            read=lambda _: results)
 
 
 def results_table(results: dict[str, Any]) -> str:
   """Markdown: per ratio, accuracy trained / right after pruning / after fine-tuning (test, and validation
-  in brackets when there is a validation split), params and FLOPs, wall times."""
+  in brackets when there is a validation split), params and FLOPs, wall times; which trained checkpoint."""
+  trained = results["trained"]
   lines = ["| pruned | acc. trained | acc. pruned | acc. fine-tuned | params after/before | FLOPs after/before |"
            " prune s | fine-tune s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-  trained = results["trained"]
   for ratio, entry in results["ratios"].items():
     pruned, tuned = entry.get("pruned", {}), entry.get("finetuned", {})
     report = pruned.get("report") or {}
@@ -154,6 +216,10 @@ def results_table(results: dict[str, Any]) -> str:
                  f"{tuned.get('finetune_seconds', 0):.1f} |")
   lines.append("")
   lines.append("Accuracy in %: test (validation). Every choice is made on validation; test is only reported.")
+  if "source" in trained:
+    which = {"last": "the last epoch", "best": "the best validation accuracy (ties: the later step)"}
+    lines.append(f"Trained and pruned: the checkpoint of {which.get(trained['source'], trained['source'])}, "
+                 f"epoch {trained['epoch']} (step {trained['step']}); train {trained['train_seconds']:.1f} s.")
   return "\n".join(lines)
 
 

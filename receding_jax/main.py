@@ -1,7 +1,9 @@
 """Command line: ``python -m receding_jax.main --config=configs/NAME.py --workdir=DIR [--config.key=value]``.
 
 Only parses flags, joins the processes of a multi-host run and hands over to `experiment.run`, which runs
-the phases the config names (train, prune, finetune).
+the phases the config names (train, prune, finetune). A mistake the user can fix (an unknown or impossible
+config key, a workdir in use or holding another config's run, a damaged checkpoint) ends the run with one
+line, ``error: ...``, and exit status 2, before anything is written.
 Multi-host: on a Cloud TPU slice or under SLURM `jax.distributed.initialize()` finds its peers itself;
 elsewhere pass --coordinator_address, --num_processes and --process_id on every process.
 """
@@ -9,12 +11,17 @@ elsewhere pass --coordinator_address, --num_processes and --process_id on every 
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.")
+_SKIP_DAMAGED = flags.DEFINE_boolean(
+    "skip_damaged_checkpoints", False,
+    "Resume from the newest readable checkpoint, moving damaged newer steps to <checkpoints>_damaged/. "
+    "Without it a damaged checkpoint stops the run, naming the step.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
@@ -24,6 +31,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _multi_host_environment() -> bool:
   """True on a multi-worker TPU slice or a multi-task SLURM job, where initialize() needs no arguments."""
   return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+  """The errors that mean "fix your input" and are reported in one line."""
+  from receding_jax.checkpointing import DamagedCheckpointError
+  from receding_jax.config import ConfigError
+  from receding_jax.workdir_files import WorkdirLockedError
+
+  return (ConfigError, WorkdirLockedError, DamagedCheckpointError, FileExistsError)
 
 
 def main(argv: list[str]) -> None:
@@ -36,13 +52,30 @@ def main(argv: list[str]) -> None:
   from receding_jax import experiment
   from receding_jax.config import validate_config
 
-  validate_config(_CONFIG.value)  # Before any process joins or any file is touched.
-  if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif _multi_host_environment():
-    jax.distributed.initialize()
-  experiment.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    validate_config(_CONFIG.value)  # Before any process joins or any file is touched.
+    if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
+      jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif _multi_host_environment():
+      jax.distributed.initialize()
+    experiment.run(_CONFIG.value, _WORKDIR.value, skip_damaged_checkpoints=_SKIP_DAMAGED.value)
+  except _user_errors() as e:
+    sys.stderr.flush()
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def run() -> None:
+  """Checks ``--config.KEY`` overrides against the known keys first (one line, like a bad key in a file)."""
+  from receding_jax.config import ConfigError, check_override_flags
+
+  try:
+    check_override_flags(sys.argv[1:])
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  app.run(main)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import matplotlib
 import numpy as np
@@ -55,12 +55,17 @@ def importance_over_epochs(workdir: str, path: str) -> None:
   _save(fig, path)
 
 
-def accuracy_vs_ratio(groups: Mapping[str, Sequence[str]], path: str, metric: str = "test_accuracy") -> None:
+def accuracy_vs_ratio(
+    groups: Mapping[str, Sequence[str]], path: str, metric: str = "test_accuracy",
+    read: Callable[[str], dict] | None = None,
+) -> None:
   """`metric` right after one-shot pruning (dashed) and after fine-tuning (solid) per ratio; mean over the
-  seeds of a label, their standard deviation as error bars."""
+  seeds of a label, their standard deviation as error bars. `read` gives a workdir's results (default: its
+  results.json)."""
+  read = read or read_results
   fig, ax = plt.subplots(figsize=(6, 3.5))
   for i, (label, workdirs) in enumerate(groups.items()):
-    runs = [read_results(w) for w in workdirs]
+    runs = [read(w) for w in workdirs]
     for key, style in (("pruned", "--"), ("finetuned", "-")):
       points = []
       for ratio in sorted(runs[0]["ratios"], key=float):
@@ -93,5 +98,17 @@ def read_results(workdir: str) -> dict:
 def _save(fig, path: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  tmp = f"{path}.tmp{os.getpid()}"  # Atomic: a kill never leaves half a figure.
+  fig.savefig(tmp, dpi=120, format="png")
+  os.replace(tmp, path)
   plt.close(fig)
+
+
+def max_test_accuracy(epochs: Sequence[Mapping]) -> float | None:
+  """The paper's convention: the best test accuracy over the epochs (the official code keeps the best-test
+  epoch), or None unless test was evaluated every time an epoch was (`eval_test_every_epoch`, or no
+  validation split). Only for putting our numbers beside the paper's: it chooses on test."""
+  evaluated = [e for e in epochs if "validation_accuracy" in e or "test_accuracy" in e]
+  if not evaluated or any("test_accuracy" not in e for e in evaluated):
+    return None
+  return max(float(e["test_accuracy"]) for e in evaluated)

@@ -12,15 +12,16 @@ parameter/FLOP table and writes it to OUTPUT_DIR/pruning_report.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Any
 
 import jax
 import numpy as np
 
-from receding_jax import checkpointing, pruning
+from receding_jax import checkpointing, pruning, workdir_files
 from receding_jax.models import model_from_spec
+
+REPORT_NAME = "pruning_report.json"
 
 
 def prune_checkpoint(
@@ -38,7 +39,9 @@ def prune_checkpoint(
   """Prunes the checkpoint at `checkpoint_dir` (step `step`, default newest) into `output_dir`.
 
   Everything is checked (output free, checkpoint readable, criterion valid) before anything is written.
-  Returns the report: params and FLOPs before/after, widths before/after, the criterion.
+  Returns the report: params and FLOPs before/after, widths before/after, the criterion. Multi-host: every
+  process calls it (orbax saves together); only process 0 writes the report, atomically and last, so its
+  presence means the pruned checkpoint is complete.
   """
   if os.path.exists(output_dir) and os.listdir(output_dir):
     raise FileExistsError(f"output_dir {output_dir} exists and is not empty; refusing to overwrite it")
@@ -66,10 +69,11 @@ def prune_checkpoint(
       "widths_before": list(pruning.describe(model).widths),
       "widths_after": list(arch.widths),
   }
+  workdir_files.sync(f"checked {output_dir}")  # No process may see another's new output_dir as taken.
   target = checkpointing.make_manager(output_dir)
   checkpointing.save(target, 0, {**narrow_variables, "step": np.int64(0)}, narrow_spec)
-  with open(os.path.join(output_dir, "pruning_report.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  target.close()
+  workdir_files.write_json(os.path.join(output_dir, REPORT_NAME), report)
   return report
 
 

@@ -25,8 +25,8 @@ from clu import metric_writers
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from receding_jax import checkpointing, input_pipeline, penalties
-from receding_jax.config import PAPER_SCHEDULE, default_config, differing_keys, model_spec, validate_config
+from receding_jax import checkpointing, input_pipeline, penalties, workdir_files
+from receding_jax.config import PAPER_SCHEDULE, default_config, model_spec, validate_config
 from receding_jax.importances import importance_summary, neuron_importances
 from receding_jax.models import model_from_spec
 from receding_jax.norm import LOGIT_NAME
@@ -281,23 +281,6 @@ def evaluate_splits(
 # The loop.
 
 
-def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Records the config in the workdir, or refuses a workdir that holds another config's run."""
-  path = os.path.join(workdir, "config.json")
-  current = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    if saved != current:
-      raise ValueError(f"workdir {workdir} holds a run of another config (differs in "
-                       f"{differing_keys(saved, current)}); use a new workdir")
-  elif jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:  # Atomic: other processes never read half a file.
-      json.dump(current, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
-
-
 def _check_batch(config: ml_collections.ConfigDict) -> None:
   b = config.optim.batch_size
   for what, n in (("processes", jax.process_count()), ("devices", jax.device_count())):
@@ -324,6 +307,7 @@ def train_and_evaluate(
     *,
     spec: Mapping[str, Any] | None = None,
     init_variables: Mapping[str, Any] | None = None,
+    skip_damaged_checkpoints: bool = False,
 ) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final metrics.
 
@@ -331,12 +315,47 @@ def train_and_evaluate(
   ``metrics.jsonl`` (one line per epoch). A non-finite loss stops the run with FloatingPointError before
   anything is saved, so the last good checkpoint stays the newest. `spec` (a model spec, default the
   config's) and `init_variables` ({'params', 'batch_stats'} to start from, e.g. a pruned network's)
-  serve fine-tuning; a resumed run takes its state from its own checkpoint.
+  serve fine-tuning; a resumed run takes its state from its own checkpoint. A damaged newest checkpoint
+  stops the run (DamagedCheckpointError) unless `skip_damaged_checkpoints`, which resumes from the newest
+  readable one (see `resume`). The workdir is locked against other runs for the duration.
   """
   validate_config(config)
   _check_batch(config)
   workdir = os.path.abspath(workdir)
-  _check_workdir_config(workdir, config)
+  with workdir_files.hold(workdir):
+    workdir_files.check_config(workdir, config)
+    return _train_and_evaluate(config, workdir, spec, init_variables, skip_damaged_checkpoints)
+
+
+def resume(
+    make_manager: Callable[[], Any], state: State, skip_damaged: bool
+) -> tuple[State, Any]:
+  """(state restored from the newest readable checkpoint, or `state` if there is none; its manager).
+
+  A damaged newest step raises DamagedCheckpointError and changes nothing, unless `skip_damaged`: then it
+  is moved aside (`checkpointing.set_aside`) and the next older step is tried, saying so.
+  """
+  manager = make_manager()
+  while (step := manager.latest_step()) is not None:
+    try:
+      return checkpointing.restore(manager, target=state)[0], manager
+    except checkpointing.DamagedCheckpointError as e:
+      if not skip_damaged:
+        older = [s for s in manager.all_steps() if s < step]
+        raise checkpointing.DamagedCheckpointError(
+            f"{e}; nothing was changed (older steps {older} are kept); to resume from the newest readable "
+            "step, rerun with --skip_damaged_checkpoints") from None
+      moved = checkpointing.set_aside(manager, step)
+      print(f"skipping damaged checkpoint step {step} (moved to {moved}): {e}", flush=True)
+      manager.close()
+      manager = make_manager()
+  return state, manager
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, spec: Mapping[str, Any] | None,
+    init_variables: Mapping[str, Any] | None, skip_damaged: bool,
+) -> dict[str, Any]:
   spec = dict(spec or model_spec(config))
   model = model_from_spec(spec)
 
@@ -344,19 +363,21 @@ def train_and_evaluate(
   train_shard = input_pipeline.load_shard(config, "train", pi, pc)
   roles = input_pipeline.evaluation_roles(config)
   eval_shards = {role: input_pipeline.load_shard(config, role, pi, pc) for role in roles}
-  every_epoch = {roles[0]: eval_shards[roles[0]]}  # Validation if carved, else test; all at the end.
+  # Validation if carved, else test; all at the end (and test every epoch too if asked, for the paper's
+  # convention: the best test accuracy over epochs).
+  every_epoch = {r: eval_shards[r] for r in roles if r == roles[0] or config.eval_test_every_epoch}
   steps_per_epoch = input_pipeline.steps_per_epoch(train_shard, config.optim.batch_size)
   trainer = make_trainer(config, model, steps_per_epoch)
   schedule = learning_rate_schedule(config, steps_per_epoch)
 
-  manager = checkpointing.make_manager(
-      os.path.join(workdir, "checkpoints"), keep_last=config.checkpoint.keep_last,
-      keep_best=config.checkpoint.keep_best, best_metric="validation_accuracy",
-  )
-  state = trainer.init()
-  if manager.latest_step() is not None:
-    state, _ = checkpointing.restore(manager, target=state)
-  elif init_variables is not None:
+  def make_manager():
+    return checkpointing.make_manager(
+        os.path.join(workdir, "checkpoints"), keep_last=config.checkpoint.keep_last,
+        keep_best=config.checkpoint.keep_best, best_metric="validation_accuracy",
+    )
+
+  state, manager = resume(make_manager, trainer.init(), skip_damaged)
+  if manager.latest_step() is None and init_variables is not None:
     replicated = NamedSharding(trainer.mesh, P())
     start = {k: jax.device_put(init_variables[k], replicated) for k in ("params", "batch_stats")}
     if jax.tree.structure(start["params"]) != jax.tree.structure(state["params"]):
@@ -464,8 +485,12 @@ def _write_epoch(writer, workdir: str, summary: Mapping[str, Any], importances: 
   writer.write_scalars(step, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
   values = np.concatenate([np.ravel(v) for v in importances.values()]) if importances else np.zeros(0)
   writer.write_histograms(step, {"importances/all": values})
-  if jax.process_index() == 0:
-    counts, _ = np.histogram(np.clip(values, 0.0, 1.0), bins=100, range=(0.0, 1.0))
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-      f.write(json.dumps({**summary, "importance_histogram": counts.tolist()}) + "\n")
+  counts, _ = np.histogram(np.clip(values, 0.0, 1.0), bins=100, range=(0.0, 1.0))
+  path = os.path.join(workdir, "metrics.jsonl")
+  previous = ""
+  if workdir_files.is_writer() and os.path.exists(path):
+    with open(path) as f:
+      previous = f.read()
+  # Rewritten whole and atomically: a kill never leaves half a line.
+  workdir_files.write_text(path, previous + json.dumps({**summary, "importance_histogram": counts.tolist()}) + "\n")
 
