@@ -15,7 +15,7 @@ from receding_jax.penalties import (
     project_to_interval,
     receding_penalty,
 )
-from receding_jax.pruning import channel_masks, count_flops, count_params, prune_params
+from receding_jax.pruning import channel_masks, count_flops, count_params, prune_params, prune_params_like
 from receding_jax.selection import batch_norm_scale_mask, bounded_logit_mask
 
 __version__ = "0.1.0"
@@ -36,5 +36,6 @@ __all__ = [
     "polarization_penalty",
     "project_to_interval",
     "prune_params",
+    "prune_params_like",
     "receding_penalty",
 ]

@@ -186,7 +186,8 @@ def _run_phases(config: ml_collections.ConfigDict, workdir: str, skip_damaged: b
   if workdir_files.is_writer():
     _plot(workdir, phases, results)
   workdir_files.write_json(os.path.join(workdir, RESULTS_NAME), results)  # Last: marks the run finished.
-  return results
+  workdir_files.sync(f"results {workdir}")
+  return workdir_files.read_json(os.path.join(workdir, RESULTS_NAME))  # Process 0's, on every process.
 
 
 def _plot(workdir: str, phases: tuple[str, ...], results: dict[str, Any]) -> None:

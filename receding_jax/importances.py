@@ -1,7 +1,7 @@
 """Per-channel neuron importances of every norm layer, and the summary that training logs.
 
 Importance is what the pruner ranks channels by: sigmoid(logit) for a `BoundedScaleNorm` (always in
-(0, 1)), |gamma| for a BatchNorm (unbounded).
+(0, 1)), |gamma| for a BatchNorm (unbounded). Linen variables and `flax.nnx` states are both read.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from receding_jax.selection import (
     PyTree,
     batch_norm_scale_mask,
     bounded_logit_mask,
+    is_nnx_state,
     path_names,
 )
 
@@ -25,18 +26,27 @@ def neuron_importances(variables: PyTree) -> dict[str, jax.Array]:
   """Importances of every norm layer, keyed by the module's path ('stage1/block0/norm1').
 
   Args:
-    variables: a Flax variables dict ({'params': ..., 'batch_stats': ...}); with ``batch_stats``
-      present, BatchNorm layers are identified exactly (see `selection.batch_norm_scale_mask`).
+    variables: Linen variables ({'params': ..., 'batch_stats': ...}), or a `flax.nnx.State` of a whole
+      model (``nnx.state(model)``: parameters and batch statistics together). With the statistics present,
+      BatchNorm layers are identified exactly (see `selection.batch_norm_scale_mask`).
 
   Returns:
     A dict path -> float32 array of shape [channels]: sigmoid(logit) for bounded norms, |scale| for
-    BatchNorms, in jax's pytree order of the parameters (dict keys sorted).
+    BatchNorms, in jax's pytree order of the parameters (dict keys sorted). An NNX state gives the same
+    keys and values as the Linen variables of the same layout.
+
+  Raises:
+    ValueError: the variables hold no norm layer at all (nothing to rank channels by).
   """
-  if not isinstance(variables, Mapping) or "params" not in variables:
+  if is_nnx_state(variables):
+    params = variables
+  elif isinstance(variables, Mapping) and "params" in variables:
+    params = variables["params"]
+  else:
     raise TypeError(
-        f"neuron_importances expects Flax variables with a 'params' entry, got {type(variables).__name__}"
+        "neuron_importances expects Flax variables with a 'params' entry or an nnx.State, got "
+        f"{type(variables).__name__}"
     )
-  params = variables["params"]
   logits = jax.tree.leaves(bounded_logit_mask(params))
   scales = jax.tree.leaves(batch_norm_scale_mask(variables))
   out = {}
@@ -48,6 +58,11 @@ def neuron_importances(variables: PyTree) -> dict[str, jax.Array]:
       out[module] = bounded_scale(jnp.asarray(leaf, jnp.float32))
     elif is_scale:
       out[module] = jnp.abs(jnp.asarray(leaf, jnp.float32))
+  if not out:
+    raise ValueError(
+        "neuron_importances found no norm layer (no bounded-norm 'scale_logit' and no BatchNorm 'scale') in "
+        "the variables; importances come from BoundedScaleNorm or BatchNorm layers"
+    )
   return out
 
 

@@ -14,10 +14,15 @@ Penalties (s = sigmoid(w + shift), gamma = BatchNorm scale):
   - polarization (Zhuang et al. 2020):  t * sum_c |gamma_c| - sum_c |gamma_c - mean(gamma)|, with the
     sums and the mean over the gammas of all masked layers together. Their recipe also clips gamma to
     [0, 1] after every step: chain `project_to_interval(0.0, 1.0)` *after* the optimiser.
+
+`params` may be Linen parameters or a `flax.nnx.State` (``nnx.state(model, nnx.Param)``, as
+`nnx.Optimizer` passes them, or a whole ``nnx.state(model)``). A default mask that finds no leaf, or a
+given mask that selects none, raises ValueError: a penalty over nothing would silently be 0.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -30,7 +35,7 @@ from receding_jax.selection import (
     PyTree,
     batch_norm_scale_mask,
     bounded_logit_mask,
-    resolve_mask,
+    select_leaves,
 )
 
 LeafPenalty = Callable[[Sequence[jax.Array]], jax.Array]
@@ -76,8 +81,8 @@ def _polarization_of_leaves(leaves: Sequence[jax.Array], t: float) -> jax.Array:
   return t * jnp.sum(jnp.abs(gammas)) - jnp.sum(jnp.abs(gammas - jnp.mean(gammas)))
 
 
-def _selected(params: PyTree, mask: MaskSpec, default) -> list[jax.Array]:
-  flags = resolve_mask(mask, params, default)
+def _selected(params: PyTree, mask: MaskSpec, default, caller: str) -> list[jax.Array]:
+  flags = select_leaves(mask, params, default, caller)
   return [leaf for leaf, keep in zip(jax.tree.leaves(params), flags, strict=True) if keep]
 
 
@@ -89,22 +94,22 @@ def receding_penalty(params: PyTree, shift: float = 0.0, mask: MaskSpec = None) 
     shift: b in the paper; larger values push channels with higher importance too (VGG: 3).
     mask: which leaves are bounded-norm logits; default: every ``scale_logit``.
   """
-  return _receding_of_leaves(_selected(params, mask, bounded_logit_mask), shift)
+  return _receding_of_leaves(_selected(params, mask, bounded_logit_mask, "receding_penalty"), shift)
 
 
 def l1_penalty(params: PyTree, mask: MaskSpec = None) -> jax.Array:
   """Network Slimming's sum_c |gamma_c| over BatchNorm scales (default mask), a float32 scalar."""
-  return _l1_of_leaves(_selected(params, mask, batch_norm_scale_mask))
+  return _l1_of_leaves(_selected(params, mask, batch_norm_scale_mask, "l1_penalty"))
 
 
 def polarization_penalty(params: PyTree, t: float, mask: MaskSpec = None) -> jax.Array:
   """Zhuang et al.'s t * sum|gamma| - sum|gamma - mean(gamma)|, over all masked scales together."""
   _check_non_negative("t", t)
-  return _polarization_of_leaves(_selected(params, mask, batch_norm_scale_mask), t)
+  return _polarization_of_leaves(_selected(params, mask, batch_norm_scale_mask, "polarization_penalty"), t)
 
 
 def _check_non_negative(name: str, value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
     raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
   if not value >= 0:
     raise ValueError(f"{name} must be >= 0, got {value!r}")
@@ -117,18 +122,20 @@ class PenaltyScheduleState(NamedTuple):
 
 
 def _add_penalty_gradient(
-    leaf_penalty: LeafPenalty, strength: float | optax.Schedule, mask: MaskSpec, default
+    leaf_penalty: LeafPenalty, strength: float | optax.Schedule, mask: MaskSpec, default, caller: str
 ) -> optax.GradientTransformation:
   """updates + strength * grad(leaf_penalty)(masked params); only the masked leaves are touched.
 
   A constant strength keeps no state (`optax.EmptyState`); a schedule (step -> strength) keeps a count.
+  `init` already refuses a mask that selects nothing, so a model without the penalised norm fails
+  before training rather than training without a penalty.
   """
   scheduled = callable(strength)
   if not scheduled:
     _check_non_negative("strength", strength)
 
   def init_fn(params):
-    resolve_mask(mask, params, default)  # Fail early on a bad mask.
+    select_leaves(mask, params, default, caller)  # Fail early on a bad mask.
     if scheduled:
       return PenaltyScheduleState(count=jnp.zeros((), jnp.int32))
     return optax.EmptyState()
@@ -136,7 +143,7 @@ def _add_penalty_gradient(
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("penalty transforms need the parameters: call update(updates, state, params)")
-    flags = resolve_mask(mask, params, default)
+    flags = select_leaves(mask, params, default, caller)
     leaves = jax.tree.leaves(params)
     chosen = [i for i, keep in enumerate(flags) if keep]
     grads = jax.grad(leaf_penalty)([leaves[i] for i in chosen])
@@ -160,13 +167,13 @@ def add_receding_penalty(
   Paper settings: VGG-16 strength 1e-3, shift 3; ResNet-56 strength 1e-4, shift 0 (160 epochs, batch 64).
   """
   return _add_penalty_gradient(
-      lambda leaves: _receding_of_leaves(leaves, shift), strength, mask, bounded_logit_mask
+      lambda leaves: _receding_of_leaves(leaves, shift), strength, mask, bounded_logit_mask, "add_receding_penalty"
   )
 
 
 def add_l1_penalty(strength: float | optax.Schedule, mask: MaskSpec = None) -> optax.GradientTransformation:
   """Adds strength * sign(gamma) on BatchNorm scales (Network Slimming; paper: 1e-4 VGG, 1e-5 ResNet)."""
-  return _add_penalty_gradient(_l1_of_leaves, strength, mask, batch_norm_scale_mask)
+  return _add_penalty_gradient(_l1_of_leaves, strength, mask, batch_norm_scale_mask, "add_l1_penalty")
 
 
 def add_polarization_penalty(
@@ -178,7 +185,8 @@ def add_polarization_penalty(
   """
   _check_non_negative("t", t)
   return _add_penalty_gradient(
-      lambda leaves: _polarization_of_leaves(leaves, t), strength, mask, batch_norm_scale_mask
+      lambda leaves: _polarization_of_leaves(leaves, t), strength, mask, batch_norm_scale_mask,
+      "add_polarization_penalty",
   )
 
 
@@ -188,19 +196,23 @@ def project_to_interval(
   """Changes the final updates so that masked parameters end in [lower, upper] after `apply_updates`.
 
   Chain it last (after the optimiser): polarization's recipe clips BatchNorm scales to [0, 1] after
-  every step. Default mask: BatchNorm scales.
+  every step. Default mask: BatchNorm scales. `init` refuses a mask that selects nothing.
   """
   if not lower <= upper:
     raise ValueError(f"project_to_interval needs lower <= upper, got lower={lower!r}, upper={upper!r}")
 
+  def init_fn(params):
+    select_leaves(mask, params, batch_norm_scale_mask, "project_to_interval")
+    return optax.EmptyState()
+
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("project_to_interval needs the parameters: call update(updates, state, params)")
-    flags = resolve_mask(mask, params, batch_norm_scale_mask)
+    flags = select_leaves(mask, params, batch_norm_scale_mask, "project_to_interval")
     flat_updates, treedef = jax.tree.flatten(updates)
     for i, (p, keep) in enumerate(zip(jax.tree.leaves(params), flags, strict=True)):
       if keep:
         flat_updates[i] = jnp.clip(p + flat_updates[i], lower, upper) - p
     return jax.tree.unflatten(treedef, flat_updates), state
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -101,11 +101,14 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--min_channels", type=int, default=3)
   parser.add_argument("--channel_multiple", type=int, default=1, help="round kept widths up to a multiple")
   args = parser.parse_args(argv)
-  report = prune_checkpoint(
-      args.checkpoint_dir, args.output_dir, step=args.step, ratio=args.ratio, scope=args.scope,
-      min_channels=args.min_channels, flop_reduction=args.flop_reduction, threshold=args.threshold,
-      channel_multiple=args.channel_multiple,
-  )
+  try:
+    report = prune_checkpoint(
+        args.checkpoint_dir, args.output_dir, step=args.step, ratio=args.ratio, scope=args.scope,
+        min_channels=args.min_channels, flop_reduction=args.flop_reduction, threshold=args.threshold,
+        channel_multiple=args.channel_multiple,
+    )
+  except (FileExistsError, FileNotFoundError, ValueError) as e:  # Bad input or a damaged checkpoint: one line.
+    parser.exit(2, f"error: {e}\n")
   print(format_report(report))
   print(f"widths: {report['widths_before']} -> {report['widths_after']}")
   print(f"wrote {args.output_dir}")

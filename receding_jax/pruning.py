@@ -22,6 +22,7 @@ from flax import traverse_util
 
 from receding_jax.importances import neuron_importances
 from receding_jax.models import CifarResNet, CifarVGG, ImageNetVGG, ResNet
+from receding_jax.pruning_state import slice_params_like
 
 PyTree = Any
 Masks = dict[str, np.ndarray]
@@ -364,9 +365,12 @@ def _check_masks(arch: Architecture, masks: Mapping[str, Any]) -> dict[str, np.n
   return out
 
 
-def _check_variables(model: nn.Module, variables: PyTree) -> None:
-  """ValueError naming the first leaf whose presence or shape differs from what `model` builds."""
+def _check_variables(
+    model: nn.Module, variables: PyTree, collections: Sequence[str] = ("params", "batch_stats")
+) -> None:
+  """ValueError naming the first leaf of `collections` whose presence or shape differs from `model`'s."""
   expected = traverse_util.flatten_dict(_abstract_init(model, model.input_shape))
+  expected = {k: v for k, v in expected.items() if k[0] in collections}
   given = traverse_util.flatten_dict(dict(variables))
   for key, spec in expected.items():
     if key not in given:
@@ -375,7 +379,7 @@ def _check_variables(model: nn.Module, variables: PyTree) -> None:
       raise ValueError(
           f"{'/'.join(key)} has shape {tuple(np.shape(given[key]))}, {type(model).__name__} expects {spec.shape}"
       )
-  extra = sorted("/".join(k) for k in given if k[0] in ("params", "batch_stats") and k not in expected)
+  extra = sorted("/".join(k) for k in given if k[0] in collections and k not in expected)
   if extra:
     raise ValueError(f"the variables have leaves that {type(model).__name__} does not: {extra[:5]}")
 
@@ -440,19 +444,18 @@ def prune_params(
 
 
 def prune_params_like(tree: PyTree, model: nn.Module, params: PyTree, masks: Mapping[str, Any]) -> PyTree:
-  """Slices every subtree of `tree` that has the structure of `params` as `prune_params` slices params.
+  """Slices every subtree of `tree` (an optimizer state) that mirrors `params`, the parameters before
+  pruning, as `prune_params(..., masks=masks)` slices them: fine-tuning keeps the kept channels' momentum.
 
-  For optimizer states: SGD momentum, Adam moments, ... keep the entries of the kept channels, so
-  fine-tuning may continue with the old state. Other leaves (step counts) are left as they are.
+  Reaches into `optax.chain`, `multi_transform` and `masked` states (MaskedNodes stay); other leaves
+  (step counts) are kept. ValueError names any leaf it cannot slice (see `pruning_state`).
   """
   arch = describe(model)
   masks = _check_masks(arch, masks)
-  structure = jax.tree.structure(params)
+  _check_variables(model, {"params": params}, collections=("params",))
 
-  def slice_params_like(subtree):
-    if jax.tree.structure(subtree) != structure:
-      return subtree
-    flat = traverse_util.flatten_dict({"params": dict(subtree)})
-    return traverse_util.unflatten_dict(_slice_flat(flat, arch, masks))["params"]
+  def slice_named(flat: dict[tuple[str, ...], Any]) -> dict[tuple[str, ...], Any]:
+    sliced = _slice_flat({("params", *name): leaf for name, leaf in flat.items()}, arch, masks)
+    return {key[1:]: leaf for key, leaf in sliced.items()}
 
-  return jax.tree.map(slice_params_like, tree, is_leaf=lambda t: jax.tree.structure(t) == structure)
+  return slice_params_like(tree, params, slice_named)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import receding_jax as rj
 
@@ -59,3 +60,39 @@ def test_summary_counts_low_and_high_shares():
 def test_importances_need_variables_with_params():
   with pytest.raises(TypeError, match="list"):
     rj.neuron_importances([1, 2])
+
+
+def test_an_nnx_state_gives_the_importances_of_the_equivalent_linen_variables():
+  """MixedNet wrapped for NNX: its state merges params and batch stats per module; same keys, same values."""
+  model = nnx.bridge.ToNNX(MixedNet(), rngs=nnx.Rngs(0))
+  nnx.bridge.lazy_init(model, jnp.ones((2, 5)))
+  model.bn["scale"][...] = jnp.array([-0.7, 0.0, 2.5])
+  state = nnx.state(model)
+  linen = {"params": nnx.to_pure_dict(nnx.filter_state(state, nnx.Param)),
+           "batch_stats": nnx.to_pure_dict(nnx.filter_state(state, nnx.BatchStat))}
+  MixedNet().apply(linen, jnp.ones((2, 5)))  # They are MixedNet's variables.
+  expected = rj.neuron_importances(linen)
+  assert sorted(expected) == ["bn", "bounded"]
+  for tree in (state, nnx.as_pure(state)):
+    got = rj.neuron_importances(tree)
+    assert list(got) == list(expected)
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key])
+  np.testing.assert_allclose(rj.neuron_importances(state)["bn"], [0.7, 0.0, 2.5])
+
+
+def test_native_nnx_batch_norms_are_identified_by_their_batch_stats():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.layers = nnx.List([nnx.Linear(3, 4, rngs=rngs), nnx.BatchNorm(4, rngs=rngs)])
+      self.norm = nnx.LayerNorm(4, rngs=rngs)
+
+  importances = rj.neuron_importances(nnx.state(Net(nnx.Rngs(0))))
+  assert list(importances) == ["layers/1"]  # Not the LayerNorm: it keeps no mean/var.
+  np.testing.assert_array_equal(importances["layers/1"], np.ones(4))
+
+
+def test_a_model_without_norm_layers_has_no_importances():
+  variables = nn.Dense(3).init(jax.random.key(0), jnp.ones((1, 2)))
+  with pytest.raises(ValueError, match="found no norm layer"):
+    rj.neuron_importances(variables)

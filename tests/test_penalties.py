@@ -6,38 +6,39 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from multidevice import run_with_cpu_devices
 
 import receding_jax as rj
+from receding_jax import optimizer as recipe
+from receding_jax.config import PENALTY_NORM, default_config
+from receding_jax.models import MODELS, get_model
 
 VGG_WIDTHS = (4, 4, 8, 8, 16, 16, 16, 32, 32, 32, 32, 32, 32)  # CIFAR VGG-16 at 1/16 width.
 
 
 def vgg_shaped_params(norm: str, seed: int = 0):
-  """A CIFAR VGG-16-shaped parameter pytree: 13 conv(+bias) + norm layers and a classifier."""
+  """A CIFAR VGG-16-shaped parameter pytree: 13 conv(+bias) + norm layers and a classifier.
+
+  Drawn with numpy's generator: eager `jax.random` would compile a sampler for every shape.
+  """
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape, scale=1.0: jnp.asarray(scale * rng.normal(size=shape), jnp.float32)
   params, in_ch = {}, 3
-  keys = jax.random.split(jax.random.key(seed), 3 * len(VGG_WIDTHS) + 1)
   for i, width in enumerate(VGG_WIDTHS):
-    params[f"conv{i}"] = {
-        "kernel": jax.random.normal(keys[3 * i], (3, 3, in_ch, width)),
-        "bias": jnp.zeros(width),
-    }
+    params[f"conv{i}"] = {"kernel": normal(3, 3, in_ch, width), "bias": jnp.zeros(width)}
     if norm == "bounded":
-      params[f"norm{i}"] = {"scale_logit": 3 * jax.random.normal(keys[3 * i + 1], (width,))}
+      params[f"norm{i}"] = {"scale_logit": normal(width, scale=3.0)}
     else:
-      params[f"norm{i}"] = {
-          "scale": jax.random.uniform(keys[3 * i + 1], (width,), minval=-1.0, maxval=1.0),
-          "bias": jax.random.normal(keys[3 * i + 2], (width,)),
-      }
+      params[f"norm{i}"] = {"scale": jnp.asarray(rng.uniform(-1.0, 1.0, width), jnp.float32), "bias": normal(width)}
     in_ch = width
-  params["classifier"] = {"kernel": jax.random.normal(keys[-1], (in_ch, 10)), "bias": jnp.zeros(10)}
+  params["classifier"] = {"kernel": normal(in_ch, 10), "bias": jnp.zeros(10)}
   return params
 
 
 def random_updates(params, seed: int = 7):
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)])
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
 
 
 CASES = {
@@ -230,3 +231,139 @@ def test_transform_on_sharded_parameters_matches_unsharded():
       """
   )
   assert out.strip() == "OK 8"
+
+
+# ---------------------------------------------------------------------------------------------------
+# flax.nnx states, and masks that select nothing.
+
+
+class NnxBoundedNorm(nnx.Module):
+  """A native NNX bounded norm (scale only): what the default mask finds is the Param's name."""
+
+  def __init__(self, features: int, rngs: nnx.Rngs):
+    self.scale_logit = nnx.Param(2.0 * jax.random.normal(rngs.params(), (features,)))
+
+  def __call__(self, x):
+    return x * jax.nn.sigmoid(self.scale_logit[...])
+
+
+class NnxNet(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.linear = nnx.Linear(3, 4, rngs=rngs)
+    self.norm = NnxBoundedNorm(4, rngs)
+    self.bn = nnx.BatchNorm(4, rngs=rngs)
+    self.ln = nnx.LayerNorm(4, rngs=rngs)
+    self.head = nnx.Linear(4, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.ln(self.bn(self.norm(self.linear(x)))))
+
+
+def nnx_net():
+  model = NnxNet(nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  for norm in (model.bn, model.ln):  # Scales that differ from 1, of both signs.
+    norm.scale[...] = jnp.asarray(rng.uniform(-1.0, 1.5, 4), jnp.float32)
+  return model
+
+
+def linen_twin(model):
+  """The Linen variables with the same layout and values as the NNX model's state."""
+  state = nnx.state(model)
+  return {"params": nnx.to_pure_dict(nnx.filter_state(state, nnx.Param)),
+          "batch_stats": nnx.to_pure_dict(nnx.filter_state(state, nnx.BatchStat))}
+
+
+def test_penalties_and_masks_read_nnx_states_as_the_equivalent_linen_variables():
+  model = nnx_net()
+  state, params_only, linen = nnx.state(model), nnx.state(model, nnx.Param), linen_twin(model)
+  exact = rj.batch_norm_scale_mask(linen)  # Linen: exact given the batch statistics.
+  for nnx_tree in (state, nnx.as_pure(state), params_only):
+    np.testing.assert_allclose(rj.receding_penalty(nnx_tree, shift=1.0),
+                               rj.receding_penalty(linen["params"], shift=1.0), rtol=1e-6)
+  assert float(rj.receding_penalty(state)) > 0
+  # A whole state (Variables or pure) knows its BatchNorms exactly: the LayerNorm's scale is left out ...
+  for nnx_tree in (state, nnx.as_pure(state)):
+    np.testing.assert_allclose(rj.l1_penalty(nnx_tree), rj.l1_penalty(linen["params"], mask=exact), rtol=1e-6)
+    np.testing.assert_allclose(rj.polarization_penalty(nnx_tree, t=1.2),
+                               rj.polarization_penalty(linen["params"], t=1.2, mask=exact), rtol=1e-6)
+  # ... params alone follow the params-only rule, as Linen params do ('ln' is not auto-named).
+  np.testing.assert_allclose(rj.l1_penalty(params_only), rj.l1_penalty(linen["params"]), rtol=1e-6)
+  mask = rj.batch_norm_scale_mask(state)
+  assert mask["bn"]["scale"].get_value() and not mask["ln"]["scale"].get_value() and not mask["bn"]["mean"].get_value()
+  assert rj.bounded_logit_mask(state)["norm"]["scale_logit"].get_value()
+  assert sum(jax.tree.leaves(rj.bounded_logit_mask(params_only))) == 1
+
+
+def test_nnx_optimizer_with_the_penalty_chained_moves_logits_by_its_gradient():
+  model = nnx_net()
+  strength, lr, shift = 0.5, 0.1, 1.0
+  bn_scales = nnx.filter_state(rj.batch_norm_scale_mask(nnx.state(model)), nnx.Param)
+  tx = optax.chain(rj.add_receding_penalty(strength, shift=shift), rj.add_l1_penalty(strength, mask=bn_scales),
+                   optax.sgd(lr))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(1), (8, 3))
+  grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+  before = {name: np.asarray(leaf) for name, leaf in
+            [("logit", model.norm.scale_logit[...]), ("bn", model.bn.scale[...]), ("ln", model.ln.scale[...])]}
+  optimizer.update(model, grads)
+  s = jax.nn.sigmoid(before["logit"] + shift)
+  penalty_grad = -s * (1 - s) * np.log(s)
+  np.testing.assert_allclose(model.norm.scale_logit[...],
+                             before["logit"] - lr * (grads["norm"]["scale_logit"][...] + strength * penalty_grad),
+                             rtol=1e-5)
+  np.testing.assert_allclose(model.bn.scale[...],
+                             before["bn"] - lr * (grads["bn"]["scale"][...] + strength * np.sign(before["bn"])),
+                             rtol=1e-5)
+  np.testing.assert_allclose(model.ln.scale[...], before["ln"] - lr * grads["ln"]["scale"][...], rtol=1e-5)
+
+
+def test_a_default_mask_that_finds_nothing_raises_naming_what_it_looked_for():
+  dense_only = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+  bounded = {"norm": {"scale_logit": jnp.zeros(2)}}
+  cases = [
+      (lambda: rj.receding_penalty(dense_only), "receding_penalty found no bounded-norm logit"),
+      (lambda: rj.add_receding_penalty(1e-3).init(dense_only), "add_receding_penalty found no .*'scale_logit'"),
+      (lambda: rj.l1_penalty(bounded), "l1_penalty found no BatchNorm scale"),
+      (lambda: rj.add_l1_penalty(1e-3).init(bounded), "add_l1_penalty found no BatchNorm scale"),
+      (lambda: rj.polarization_penalty(bounded, t=1.2), "polarization_penalty found no BatchNorm"),
+      (lambda: rj.add_polarization_penalty(1e-3, t=1.2).init(bounded), "add_polarization_penalty found no"),
+      (lambda: rj.project_to_interval().init(bounded), "project_to_interval found no BatchNorm scale"),
+      (lambda: rj.receding_penalty(nnx.state(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))), "no bounded-norm logit"),
+      (lambda: rj.neuron_importances({"params": dense_only}), "neuron_importances found no norm layer"),
+      (lambda: rj.neuron_importances(nnx.state(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))), "found no norm layer"),
+  ]
+  for call, message in cases:
+    with pytest.raises(ValueError, match=message) as info:
+      call()
+    assert "\n" not in str(info.value)
+  nothing = {"norm": {"scale_logit": False}}
+  with pytest.raises(ValueError, match="the given mask selects none of the 1 leaves"):
+    rj.receding_penalty(bounded, mask=nothing)
+  with pytest.raises(ValueError, match="add_receding_penalty: the given mask selects none"):
+    rj.add_receding_penalty(1e-3, mask=lambda p: nothing).init(bounded)
+  # Inside a chain the error comes at init, before any update.
+  with pytest.raises(ValueError, match="add_l1_penalty found no BatchNorm scale"):
+    optax.chain(rj.add_l1_penalty(1e-3), optax.sgd(0.1)).init(bounded)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("kind", ["rni", "l1", "polarization", "none"])
+def test_the_training_recipe_builds_for_every_zoo_model_and_penalty(name, kind):
+  """recipe.make_optimizer / penalty_value / neuron_importances on each model with its penalty's norm."""
+  config = default_config()
+  config.penalty.kind = kind
+  norm = PENALTY_NORM.get(kind, "bounded")
+  model = get_model(name, 10, norm=norm, width_multiplier=0.0625)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *model.input_shape)), train=False))
+  tx = recipe.make_optimizer(config, steps_per_epoch=10)
+  jax.eval_shape(lambda p: tx.update(p, tx.init(p), p), variables["params"])  # Abstract: no compilation.
+  value = jax.eval_shape(lambda p: recipe.penalty_value(config, 1e-3, p), variables["params"])
+  assert value.shape == ()
+  importances = jax.eval_shape(rj.neuron_importances, variables)
+  assert len(importances) >= 13
+  if kind != "none":  # The penalty on the other norm kind now fails at init instead of adding 0.
+    other = get_model(name, 10, norm="batch" if norm == "bounded" else "bounded", width_multiplier=0.0625)
+    params = jax.eval_shape(lambda: other.init(jax.random.key(0), jnp.zeros((1, *other.input_shape))))["params"]
+    with pytest.raises(ValueError, match="found no"):
+      jax.eval_shape(tx.init, params)

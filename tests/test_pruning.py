@@ -1,7 +1,9 @@
 """prune_params: exactness on receded channels, scopes, counts, composition, bad input, checkpoints."""
 
+import importlib.util
 import json
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import optax
 import pytest
 
 from receding_jax import checkpointing, prune_params, pruning
+from receding_jax import optimizer as recipe
 from receding_jax.models import get_model, model_from_spec
 from receding_jax.prune_checkpoint import format_report, prune_checkpoint
 
@@ -187,6 +190,120 @@ def test_optimizer_state_is_sliced_like_the_params():
   tx.update(trace, tx.init(narrow_variables["params"]))  # The sliced state fits the narrow params.
 
 
+QUICKSTART = pathlib.Path(__file__).resolve().parents[1] / "configs" / "quickstart.py"
+
+
+def load_config(path: pathlib.Path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def random_like(tree, seed):
+  """Standard normal float32 leaves shaped like `tree`'s (numpy's generator: nothing to compile)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: rng.normal(size=np.shape(x)).astype(np.float32), tree)
+
+
+def trained_optimizer(tx, params, steps=2):
+  """(params, state) after `steps` real updates of `tx` on random gradients: non-zero momentum."""
+  state, update = tx.init(params), jax.jit(tx.update)
+  for i in range(steps):
+    updates, state = update(random_like(params, i), state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+def assert_trees_equal(a, b, rtol=0.0):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-7 if rtol else 0), a, b)
+
+
+def recipe_config(kind):
+  """The quickstart config (receding penalty, bounded norms), or its L1 twin on BatchNorm."""
+  config = load_config(QUICKSTART)
+  if kind == "l1":
+    config.penalty.kind, config.penalty.strength, config.model.norm = "l1", 1e-2, "batch"
+  return config
+
+
+@pytest.mark.parametrize("kind", ["rni", "l1"])
+def test_the_training_recipes_optimizer_state_is_sliced_and_pruning_commutes_with_its_step(kind):
+  """recipe.make_optimizer: chain(penalty, multi_transform(...)), momentum under MaskedNodes."""
+  config = recipe_config(kind)
+  model = get_model("cifar_vgg16", 10, norm=config.model.norm, width_multiplier=0.125)
+  variables = jax.tree.map(jnp.asarray, trained_looking(model))
+  tx = recipe.make_optimizer(config, steps_per_epoch=10)
+  params, state = trained_optimizer(tx, variables["params"])
+  variables = {**variables, "params": params}
+  masks = pruning.channel_masks(model, variables, 0.5)
+  narrow_model, narrow_variables = prune_params(model, variables, masks=masks)
+  narrow_state = pruning.prune_params_like(state, model, params, masks)
+  fresh = tx.init(narrow_variables["params"])
+  assert jax.tree.structure(narrow_state) == jax.tree.structure(fresh)  # MaskedNodes where they were.
+  assert [np.shape(x) for x in jax.tree.leaves(narrow_state)] == [np.shape(x) for x in jax.tree.leaves(fresh)]
+  # The kept momentum entries are the old ones at the kept channels (conv1: kept inputs and outputs).
+  default_trace = lambda s: s[1].inner_states["default"].inner_state[1][0].trace
+  kept_in, kept_out = np.flatnonzero(masks["norm0"]), np.flatnonzero(masks["norm1"])
+  old = np.asarray(default_trace(state)["conv1"]["kernel"])
+  assert np.abs(old).max() > 0
+  np.testing.assert_array_equal(default_trace(narrow_state)["conv1"]["kernel"], old[:, :, kept_in][..., kept_out])
+  # One more step: the narrow step equals the wide step, sliced (every term is per channel).
+  grads = random_like(params, 9)
+  update = jax.jit(tx.update)
+  wide_updates, wide_state = update(grads, state, params)
+  narrow_grads = pruning.prune_params_like(grads, model, params, masks)
+  updates, new_state = update(narrow_grads, narrow_state, narrow_variables["params"])
+  assert_trees_equal(updates, pruning.prune_params_like(wide_updates, model, params, masks), rtol=1e-6)
+  assert_trees_equal(new_state, pruning.prune_params_like(wide_state, model, params, masks), rtol=1e-6)
+  stepped = {**narrow_variables, "params": optax.apply_updates(narrow_variables["params"], updates)}
+  jax.eval_shape(lambda v: narrow_model.apply(v, jnp.zeros((1, 32, 32, 3)), train=False), stepped)
+
+
+def test_adam_under_optax_masked_keeps_its_masked_nodes_and_count():
+  model = get_model("cifar_resnet20", 10, width_multiplier=0.25)
+  variables = jax.tree.map(jnp.asarray, trained_looking(model))
+  kernels = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: p[-1].key == "kernel", params)
+  others = lambda params: jax.tree.map(np.logical_not, kernels(params))
+  tx = optax.chain(optax.masked(optax.adam(1e-2), kernels), optax.masked(optax.sgd(0.1, momentum=0.9), others))
+  params, state = trained_optimizer(tx, variables["params"], steps=1)
+  masks = pruning.channel_masks(model, {**variables, "params": params}, 0.5)
+  _, narrow_variables = prune_params(model, {**variables, "params": params}, masks=masks)
+  narrow_state = pruning.prune_params_like(state, model, params, masks)
+  adam = narrow_state[0].inner_state[0]
+  assert int(adam.count) == 1
+  assert isinstance(adam.mu["stage0_block0"]["norm1"]["scale_logit"], optax.MaskedNode)
+  kept = np.flatnonzero(masks["stage1_block2/norm1"])
+  np.testing.assert_array_equal(adam.nu["stage1_block2"]["conv1"]["kernel"],
+                                np.asarray(state[0].inner_state[0].nu["stage1_block2"]["conv1"]["kernel"])[..., kept])
+  grads = random_like(params, 5)
+  update = jax.jit(tx.update)
+  wide_updates, _ = update(grads, state, params)
+  narrow_grads = pruning.prune_params_like(grads, model, params, masks)
+  updates, _ = update(narrow_grads, narrow_state, narrow_variables["params"])
+  assert_trees_equal(updates, pruning.prune_params_like(wide_updates, model, params, masks), rtol=1e-5)
+
+
+def test_state_leaves_that_cannot_be_sliced_are_named():
+  model = get_model("cifar_resnet20", 10, width_multiplier=0.25)
+  params = trained_looking(model)["params"]
+  masks = pruning.channel_masks(model, {"params": params, **trained_looking(model)}, 0.5)
+  kernel = params["stage0_block0"]["conv1"]["kernel"]
+  # A pruned parameter's shape outside any subtree that mirrors the params: nothing would be sliced.
+  with pytest.raises(ValueError, match=r"extra/1.*stage0_block0/conv1/kernel"):
+    pruning.prune_params_like({"count": np.int32(3), "extra": [np.zeros(2), kernel]}, model, params, masks)
+  # A subtree with the params' structure but other shapes (a factored state).
+  flat = jax.tree.map(np.ravel, params)
+  with pytest.raises(ValueError, match=r"moments/stage0_block0/conv1/kernel.*shape"):
+    pruning.prune_params_like({"moments": flat}, model, params, masks)
+  with pytest.raises(ValueError, match="lack"):  # Variables where the params belong.
+    pruning.prune_params_like({"m": params}, model, {"params": params}, masks)
+  # Nothing to slice and no leaf of a pruned shape: returned as it is.
+  plain = optax.sgd(0.1).init(params)
+  assert pruning.prune_params_like(plain, model, params, masks) == plain
+
+
 def test_numpy_in_numpy_out_and_jax_in_jax_out():
   model = get_model("cifar_resnet20", 10, width_multiplier=0.5)
   variables = trained_looking(model)
@@ -283,6 +400,22 @@ def test_checkpoint_pruning_refuses_bad_input_before_writing(tmp_path):
         fh.write(b"garbage")
   with pytest.raises(ValueError, match="step 3"):
     prune_checkpoint(str(tmp_path / "run"), str(tmp_path / "out2"), ratio=0.5)
+
+
+def test_checkpoint_pruning_command_reports_a_damaged_checkpoint_in_one_line(tmp_path, capsys):
+  from receding_jax.prune_checkpoint import main
+
+  spec = {"name": "cifar_resnet20", "num_classes": 10, "overrides": {"width_multiplier": 0.25}}
+  model = model_from_spec(spec)
+  _save_run(tmp_path / "run", model, spec, trained_looking(model), steps=(3,))
+  manifest = tmp_path / "run" / "3" / "state" / "manifest.ocdbt"
+  manifest.write_bytes(manifest.read_bytes()[:10])
+  with pytest.raises(SystemExit) as exit_info:
+    main(["--checkpoint_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "out"), "--ratio", "0.5"])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+      f"error: checkpoint step 3 in {tmp_path / 'run'} is damaged: a truncated or corrupt file ({manifest}: ")
+  assert not (tmp_path / "out").exists()
 
 
 def test_report_table_shows_ratios():
