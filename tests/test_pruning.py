@@ -228,6 +228,18 @@ def recipe_config(kind):
   return config
 
 
+def assert_narrow_step_is_the_wide_step_sliced(tx, model, masks, wide, narrow, seed, rtol):
+  """One update on random gradients: the narrow network's (updates, state) equal the wide one's, sliced."""
+  (params, state), (narrow_params, narrow_state) = wide, narrow
+  grads = random_like(params, seed)
+  update = jax.jit(tx.update)
+  wide_updates, wide_state = update(grads, state, params)
+  updates, new_state = update(pruning.prune_params_like(grads, model, params, masks), narrow_state, narrow_params)
+  assert_trees_equal(updates, pruning.prune_params_like(wide_updates, model, params, masks), rtol=rtol)
+  assert_trees_equal(new_state, pruning.prune_params_like(wide_state, model, params, masks), rtol=rtol)
+  return updates
+
+
 @pytest.mark.parametrize("kind", ["rni", "l1"])
 def test_the_training_recipes_optimizer_state_is_sliced_and_pruning_commutes_with_its_step(kind):
   """recipe.make_optimizer: chain(penalty, multi_transform(...)), momentum under MaskedNodes."""
@@ -250,13 +262,8 @@ def test_the_training_recipes_optimizer_state_is_sliced_and_pruning_commutes_wit
   assert np.abs(old).max() > 0
   np.testing.assert_array_equal(default_trace(narrow_state)["conv1"]["kernel"], old[:, :, kept_in][..., kept_out])
   # One more step: the narrow step equals the wide step, sliced (every term is per channel).
-  grads = random_like(params, 9)
-  update = jax.jit(tx.update)
-  wide_updates, wide_state = update(grads, state, params)
-  narrow_grads = pruning.prune_params_like(grads, model, params, masks)
-  updates, new_state = update(narrow_grads, narrow_state, narrow_variables["params"])
-  assert_trees_equal(updates, pruning.prune_params_like(wide_updates, model, params, masks), rtol=1e-6)
-  assert_trees_equal(new_state, pruning.prune_params_like(wide_state, model, params, masks), rtol=1e-6)
+  updates = assert_narrow_step_is_the_wide_step_sliced(
+      tx, model, masks, (params, state), (narrow_variables["params"], narrow_state), seed=9, rtol=1e-6)
   stepped = {**narrow_variables, "params": optax.apply_updates(narrow_variables["params"], updates)}
   jax.eval_shape(lambda v: narrow_model.apply(v, jnp.zeros((1, 32, 32, 3)), train=False), stepped)
 
@@ -277,12 +284,8 @@ def test_adam_under_optax_masked_keeps_its_masked_nodes_and_count():
   kept = np.flatnonzero(masks["stage1_block2/norm1"])
   np.testing.assert_array_equal(adam.nu["stage1_block2"]["conv1"]["kernel"],
                                 np.asarray(state[0].inner_state[0].nu["stage1_block2"]["conv1"]["kernel"])[..., kept])
-  grads = random_like(params, 5)
-  update = jax.jit(tx.update)
-  wide_updates, _ = update(grads, state, params)
-  narrow_grads = pruning.prune_params_like(grads, model, params, masks)
-  updates, _ = update(narrow_grads, narrow_state, narrow_variables["params"])
-  assert_trees_equal(updates, pruning.prune_params_like(wide_updates, model, params, masks), rtol=1e-5)
+  assert_narrow_step_is_the_wide_step_sliced(
+      tx, model, masks, (params, state), (narrow_variables["params"], narrow_state), seed=5, rtol=1e-5)
 
 
 def test_state_leaves_that_cannot_be_sliced_are_named():
