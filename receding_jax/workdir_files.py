@@ -146,7 +146,12 @@ def _acquire(workdir: str) -> int:
       raise WorkdirLockedError(f"workdir {workdir} is in use by {_describe(_holder(path))}; wait until it "
                                "ends or use another workdir") from None
     except OSError as e:
-      if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS) or not _stale_without_flock(path):
+      try:
+        stale = e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS) and _stale_without_flock(path)
+      except WorkdirLockedError:
+        os.close(fd)
+        raise
+      if not stale:
         os.close(fd)
         raise WorkdirLockedError(f"workdir {workdir} is in use by {_describe(_holder(path))}") from None
     try:  # The file we locked must still be the one at `path` (a releasing holder unlinks it).
