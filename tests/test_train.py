@@ -394,11 +394,16 @@ def test_a_damaged_checkpoint_stops_in_one_line_and_changes_nothing_unless_told_
   assert all((workdir / "checkpoints" / str(s)).exists() for s in steps[:-1])
 
 
-@pytest.mark.parametrize("method", ["l1", "ucs", "polarization"])
-def test_batch_norm_baselines_start_gamma_at_one_half_as_the_official_code(method):
-  c = paper_config("cifar10", "cifar_resnet56", method)
+def test_batch_norm_baselines_start_gamma_at_one_half_as_the_official_code():
+  for dataset in ("cifar10", "cifar100"):
+    for name in ("cifar_vgg16", "cifar_resnet56"):
+      for method in ("l1", "ucs", "polarization"):
+        assert paper_config(dataset, name, method).model.batch_norm_scale_init == 0.5, (dataset, name, method)
+  c = paper_config("cifar10", "cifar_resnet56", "ucs")  # The init reaches the model (one compile: ResNet-20).
+  c.model.name, c.model.width_multiplier = "cifar_resnet20", 0.25
   model = model_from_spec(model_spec(c))
-  variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+  variables = jax.jit(model.init, static_argnames="train")(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32),
+                                                           train=False)
   scales = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
             if getattr(path[-1], "key", None) == "scale"]
-  assert scales and all(np.all(np.asarray(s) == 0.5) for s in scales)
+  assert len(scales) == 19 and all(np.all(np.asarray(s) == 0.5) for s in scales)
