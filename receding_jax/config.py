@@ -151,11 +151,11 @@ def unknown_keys_message(unknown: Sequence[str]) -> str:
 def check_override_flags(argv: Sequence[str], flag: str = "config") -> None:
   """ConfigError for any ``--config.KEY=value`` (or ``--noconfig.KEY``) whose KEY is not a config key, before
   absl parses the flags (ml_collections would fail there with a long traceback)."""
-  unknown = []
+  known, unknown = set(known_keys()), []
   for arg in argv:
     name = arg.lstrip("-").split("=", 1)[0]
     for prefix in (f"{flag}.", f"no{flag}."):
-      if arg.startswith("--") and name.startswith(prefix) and name[len(prefix):] not in known_keys():
+      if arg.startswith("--") and name.startswith(prefix) and name[len(prefix):] not in known:
         unknown.append(name[len(prefix):])
   if unknown:
     raise ConfigError(unknown_keys_message(unknown))

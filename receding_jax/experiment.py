@@ -74,7 +74,7 @@ def trained_network(config: ml_collections.ConfigDict, workdir: str) -> dict[str
   'epoch', validation/test accuracy, 'train_seconds' (the epochs' wall times, summed over every attempt),
   'max_test_accuracy_over_epochs' (the paper's convention, where test was evaluated every epoch)}."""
   epochs = plots.read_epochs(workdir)
-  common = {"train_seconds": sum(e.get("epoch_seconds", 0.0) for e in epochs),
+  common = {"train_seconds": plots.total_seconds(epochs),
             "max_test_accuracy_over_epochs": plots.max_test_accuracy(epochs)}
   chosen = epochs[-1]
   if config.prune.source == "best":
@@ -137,7 +137,7 @@ def finetune_phase(
       skip_damaged_checkpoints=skip_damaged_checkpoints,
   )
   epochs = plots.read_epochs(finetune_dir)
-  return {**summary, "finetune_seconds": sum(e.get("epoch_seconds", 0.0) for e in epochs),
+  return {**summary, "finetune_seconds": plots.total_seconds(epochs),
           "max_test_accuracy_over_epochs": plots.max_test_accuracy(epochs)}
 
 

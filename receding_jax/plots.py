@@ -112,3 +112,8 @@ def max_test_accuracy(epochs: Sequence[Mapping]) -> float | None:
   if not evaluated or any("test_accuracy" not in e for e in evaluated):
     return None
   return max(float(e["test_accuracy"]) for e in evaluated)
+
+
+def total_seconds(epochs: Sequence[Mapping]) -> float:
+  """The epochs' wall times (`epoch_seconds`, evaluation included) summed over every attempt of a run."""
+  return sum(float(e.get("epoch_seconds", 0.0)) for e in epochs)
