@@ -29,9 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from receding_jax import pruning, train
-from receding_jax.config import paper_config
+from receding_jax import pruning
 from receding_jax.models import get_model
+from receding_jax.training import train
+from receding_jax.training.config import paper_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -177,7 +178,7 @@ def bench_prune(quick: bool) -> list[dict]:
 def bench_input(quick: bool, train_rows: list[dict]) -> list[dict]:
   if not SHARED_CIFAR.exists():
     return [{"skipped": f"{SHARED_CIFAR} not found"}]
-  from receding_jax import input_pipeline
+  from receding_jax.training import input_pipeline
 
   with tempfile.TemporaryDirectory() as root:
     with tarfile.open(SHARED_CIFAR) as tar:

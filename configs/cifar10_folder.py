@@ -13,7 +13,7 @@ strengths are given relative to the paper's schedule, so each run keeps the pape
 this length it trains with ~30x the paper's strength (printed at start). An epoch costs ~105 s on 2 cores.
 """
 
-from receding_jax.config import paper_config
+from receding_jax.training.config import paper_config
 
 
 def get_config(method: str = "rni"):

@@ -3,7 +3,7 @@
 300 of the 1,500 training digits are held out for validation: the checkpoint pruned is the one with the best
 validation accuracy (`prune.source = "best"`; ties go to the later epoch); the 297 test digits are only reported."""
 
-from receding_jax.config import default_config
+from receding_jax.training.config import default_config
 
 
 def get_config():

@@ -21,8 +21,8 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 
-from receding_jax import plots
-from receding_jax.config import differing_keys
+from receding_jax.training import plots
+from receding_jax.training.config import differing_keys
 
 
 def _cell(values: Sequence[float | None]) -> str:

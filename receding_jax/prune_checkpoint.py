@@ -18,8 +18,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from receding_jax import checkpointing, pruning, workdir_files
+from receding_jax import pruning
 from receding_jax.models import model_from_spec
+from receding_jax.training import checkpointing, workdir_files
 
 REPORT_NAME = "pruning_report.json"
 

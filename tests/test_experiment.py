@@ -6,9 +6,9 @@ import time
 import pytest
 from test_train import QUICKSTART, load_config
 
-from receding_jax import checkpointing, experiment
 from receding_jax.compare import main
-from receding_jax.config import validate_config
+from receding_jax.training import checkpointing, experiment
+from receding_jax.training.config import validate_config
 
 
 def small_pipeline_config():

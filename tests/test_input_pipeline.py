@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from receding_jax import input_pipeline as ip
-from receding_jax.config import default_config
+from receding_jax.training import input_pipeline as ip
+from receding_jax.training.config import default_config
 
 
 def cifar_config(batch_size=8, **dataset):

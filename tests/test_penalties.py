@@ -10,9 +10,9 @@ from flax import nnx
 from multidevice import run_with_cpu_devices
 
 import receding_jax as rj
-from receding_jax import optimizer as recipe
-from receding_jax.config import PENALTY_NORM, default_config
 from receding_jax.models import MODELS, get_model
+from receding_jax.training import optimizer as recipe
+from receding_jax.training.config import PENALTY_NORM, default_config
 
 VGG_WIDTHS = (4, 4, 8, 8, 16, 16, 16, 32, 32, 32, 32, 32, 32)  # CIFAR VGG-16 at 1/16 width.
 

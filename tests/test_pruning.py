@@ -11,10 +11,11 @@ import numpy as np
 import optax
 import pytest
 
-from receding_jax import checkpointing, prune_params, pruning
-from receding_jax import optimizer as recipe
+from receding_jax import prune_params, pruning
 from receding_jax.models import get_model, model_from_spec
 from receding_jax.prune_checkpoint import format_report, prune_checkpoint
+from receding_jax.training import checkpointing
+from receding_jax.training import optimizer as recipe
 
 SMALL = {
     "cifar_vgg16": {"width_multiplier": 0.125},

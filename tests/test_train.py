@@ -17,11 +17,11 @@ import numpy as np
 import optax
 import pytest
 
-from receding_jax import checkpointing, experiment, train
-from receding_jax import optimizer as recipe
-from receding_jax.config import default_config, model_spec, paper_config, validate_config
 from receding_jax.models import model_from_spec
-from receding_jax.workdir_files import WorkdirLockedError
+from receding_jax.training import checkpointing, experiment, train
+from receding_jax.training import optimizer as recipe
+from receding_jax.training.config import default_config, model_spec, paper_config, validate_config
+from receding_jax.training.workdir_files import WorkdirLockedError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.py"
@@ -202,8 +202,8 @@ def test_a_live_run_holds_its_workdir_and_resume_after_kill_ends_with_the_same_p
 EIGHT_DEVICES_VS_ONE = """
 import importlib.util, sys
 import jax, numpy as np
-from receding_jax import input_pipeline as ip, train
-from receding_jax.config import model_spec
+from receding_jax.training import input_pipeline as ip, train
+from receding_jax.training.config import model_spec
 from receding_jax.models import model_from_spec
 spec = importlib.util.spec_from_file_location("q", sys.argv[1]); q = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(q)
@@ -239,8 +239,8 @@ def test_eight_devices_train_like_one_on_the_same_batches():
 REFERENCE_OF_TWO_SHARDS = """
 import json, sys
 import jax, numpy as np
-from receding_jax import input_pipeline as ip, train
-from receding_jax.config import model_spec
+from receding_jax.training import input_pipeline as ip, train
+from receding_jax.training.config import model_spec
 from receding_jax.models import model_from_spec
 config = json.loads(sys.argv[1])
 import ml_collections

@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from receding_jax import workdir_files
-from receding_jax.workdir_files import WorkdirLockedError
+from receding_jax.training import workdir_files
+from receding_jax.training.workdir_files import WorkdirLockedError
 
 HOLD_FOREVER = """
 import sys, time
-from receding_jax import workdir_files
+from receding_jax.training import workdir_files
 with workdir_files.hold(sys.argv[1]):
   print("held", flush=True)
   time.sleep(600)

@@ -1,5 +1,5 @@
 """The training loop: jitted train/eval steps over a device mesh, metrics, checkpoints (the optimiser is
-`receding_jax.optimizer`).
+`receding_jax.training.optimizer`).
 
 Layout follows flax's ``examples/imagenet``: the step functions are pure and jitted; `train_and_evaluate`
 is the loop. One program runs on one CPU, a GPU node or a multi-host TPU slice: the batch is sharded
@@ -26,11 +26,16 @@ from clu import metric_writers
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from receding_jax import checkpointing, input_pipeline, workdir_files
-from receding_jax.config import model_spec, validate_config
 from receding_jax.importances import importance_summary, neuron_importances
 from receding_jax.models import model_from_spec
-from receding_jax.optimizer import effective_penalty_strength, learning_rate_schedule, make_optimizer, penalty_value
+from receding_jax.training import checkpointing, input_pipeline, workdir_files
+from receding_jax.training.config import model_spec, validate_config
+from receding_jax.training.optimizer import (
+  effective_penalty_strength,
+  learning_rate_schedule,
+  make_optimizer,
+  penalty_value,
+)
 
 DATA_AXIS = "data"
 State = dict[str, Any]  # {'params', 'batch_stats', 'opt_state', 'step', 'rng'}: what a checkpoint holds.

@@ -26,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from receding_jax.config import differing_keys
+from receding_jax.training.config import differing_keys
 
 LOCK_NAME = "lock"
 CONFIG_NAME = "config.json"

@@ -145,7 +145,7 @@ def unknown_keys_message(unknown: Sequence[str]) -> str:
     hint = f" (did you mean {hints[unknown[0]]!r}?)"
   else:
     hint = "".join(f" ({v!r} for {k!r}?)" for k, v in hints.items())
-  return f"unknown config keys {sorted(unknown)}{hint}; every key and its default is in receding_jax/config.py"
+  return f"unknown config keys {sorted(unknown)}{hint}; every key and its default is in receding_jax/training/config.py"
 
 
 def check_override_flags(argv: Sequence[str], flag: str = "config") -> None:

@@ -24,10 +24,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from receding_jax import checkpointing, input_pipeline, plots, train, workdir_files
-from receding_jax.config import validate_config
 from receding_jax.models import model_from_spec
 from receding_jax.prune_checkpoint import REPORT_NAME, prune_checkpoint
+from receding_jax.training import checkpointing, input_pipeline, plots, train, workdir_files
+from receding_jax.training.config import validate_config
 
 #: What results.json reports per network: validation (every choice is made on it) and test accuracy.
 ACCURACY_KEYS = ("validation_accuracy", "test_accuracy")
