@@ -10,6 +10,8 @@ Sections (medians over repeated runs after warm-up and compilation; ratios measu
   pruned    inference time of cifar_vgg16 / cifar_resnet56 unpruned vs. pruned 50% and 90%, next to FLOPs.
   prune     `prune_params` wall time on resnet50 (numpy variables on the host).
   input     CIFAR-10 JPEG folder pipeline throughput (images/s) vs. what the training step consumes.
+  placement training images/s with the splits resident on the devices (1 and 10 steps per dispatch) vs.
+            streamed from the host by Grain, same model and batch.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 
 from receding_jax import pruning
 from receding_jax.models import get_model
-from receding_jax.training import train
+from receding_jax.training import data, splits, steps, streaming
 from receding_jax.training.config import paper_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -68,20 +70,20 @@ def synthetic_batch(trainer, shape, batch, classes):
   rng = np.random.default_rng(0)
   local = {"image": rng.normal(size=(batch, *shape)).astype(np.float32),
            "label": rng.integers(0, classes, batch).astype(np.int32)}
-  return train.global_batch(trainer.mesh, local)
+  return data.as_chunk(local, trainer.mesh)
 
 
 def step_runner(config, image_size=None):
   """(run one step, model): a jitted training step on a fixed synthetic batch, state carried along."""
   spec_overrides = {"input_shape": (image_size or 32, image_size or 32, 3)}
   model = get_model(config.model.name, config.dataset.num_classes, config.model.norm, **spec_overrides)
-  trainer = train.make_trainer(config, model, steps_per_epoch=1000)
+  trainer = steps.make_trainer(config, model, steps_per_epoch=1000)
   state = {"s": trainer.init()}
   batch = synthetic_batch(trainer, model.input_shape, config.optim.batch_size, config.dataset.num_classes)
 
   def run():
     state["s"], metrics = trainer.train(state["s"], batch)
-    return metrics["loss"]
+    return metrics["loss"][-1]
 
   return run, model
 
@@ -176,20 +178,16 @@ def bench_prune(quick: bool) -> list[dict]:
 
 
 def bench_input(quick: bool, train_rows: list[dict]) -> list[dict]:
+  """The Grain streaming pipeline alone (decode, augment, batch on the host) over the CIFAR-10 JPEGs."""
   if not SHARED_CIFAR.exists():
     return [{"skipped": f"{SHARED_CIFAR} not found"}]
-  from receding_jax.training import input_pipeline
-
   with tempfile.TemporaryDirectory() as root:
-    with tarfile.open(SHARED_CIFAR) as tar:
-      tar.extractall(root, filter="data")
-    config = paper_config("cifar10", "cifar_vgg16", "rni")
-    config.dataset.name, config.dataset.folder, config.optim.batch_size = "folder", root, 128
-    shard = input_pipeline.load_shard(config, "train", 0, 1)
+    config = cifar_folder_config(root, 128)
+    train_split = splits.load_split(config, "train", 0, 1)
     rows = []
     for epoch, label in ((0, "first epoch (reads and caches JPEGs)"), (1, "later epochs (cached)")):
       n, start = 0, time.perf_counter()
-      for i, batch in enumerate(input_pipeline.train_batches(shard, config, epoch)):
+      for i, batch in enumerate(streaming.train_batches(train_split, config, epoch)):
         n += batch["image"].shape[0]
         if quick and i == 100:
           break
@@ -197,6 +195,55 @@ def bench_input(quick: bool, train_rows: list[dict]) -> list[dict]:
   consumption = {f"{r['model']}@{r['batch']}": r["images_per_s"] for r in train_rows if r["model"].startswith("cifar")}
   for row in rows:
     row["vs_train_step"] = {k: row["images_per_s"] / v for k, v in consumption.items()}
+  return rows
+
+
+def cifar_folder_config(root: str, batch: int):
+  """The CIFAR-10 JPEG folder extracted under `root`, for VGG-16 at 1/4 width (data costs show)."""
+  with tarfile.open(SHARED_CIFAR) as tar:
+    tar.extractall(root, filter="data")
+  config = paper_config("cifar10", "cifar_vgg16", "rni")
+  config.dataset.name, config.dataset.folder, config.optim.batch_size = "folder", root, batch
+  config.model.width_multiplier = 0.25
+  return config
+
+
+def time_placement(config, placement: str, train_split, chunks: int) -> float:
+  """Images/s of training through `data.train_feed` (median chunk time after a warm-up epoch's first chunks)."""
+  from receding_jax.models import model_from_spec
+  from receding_jax.training.config import model_spec
+
+  mesh = steps.make_mesh()
+  feed = data.train_feed(config, train_split, mesh, placement)
+  trainer = steps.make_trainer(config, model_from_spec(model_spec(config)), feed.steps, mesh, prepare=feed.prepare)
+  state, times, images = trainer.init(), [], 0
+  iterator = feed.chunks(1, 0)
+  for i in range(chunks + 2):
+    start = time.perf_counter()
+    state, metrics = trainer.train(state, next(iterator))
+    jax.block_until_ready(metrics)
+    if i >= 2:  # The first two: compilation and the pipeline's start.
+      times.append(time.perf_counter() - start)
+      images = len(metrics["loss"]) * config.optim.batch_size
+  return images / statistics.median(times)
+
+
+def bench_placement(quick: bool) -> list[dict]:
+  """Training images/s with device-resident data (1 and 10 steps per dispatch) beside streamed data."""
+  if not SHARED_CIFAR.exists():
+    return [{"skipped": f"{SHARED_CIFAR} not found"}]
+  rows = []
+  with tempfile.TemporaryDirectory() as root:
+    config = cifar_folder_config(root, 128)
+    train_split = splits.load_split(config, "train", 0, 1)
+    streamed = time_placement(config, "streaming", train_split, 5 if quick else 20)
+    rows.append({"placement": "streaming (Grain, host)", "steps_per_dispatch": 1, "images_per_s": streamed,
+                 "vs_streaming": 1.0})
+    for k in (1, 10):
+      config.data.steps_per_dispatch = k
+      resident_rate = time_placement(config, "device", train_split, max(1, (5 if quick else 20) // k))
+      rows.append({"placement": "device-resident", "steps_per_dispatch": k, "images_per_s": resident_rate,
+                   "vs_streaming": resident_rate / streamed})
   return rows
 
 
@@ -225,11 +272,33 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: Sections of the results file that other scripts write (benchmarks/gpu_throughput.py --merge): kept on rewrite.
+KEPT_SECTIONS = ("gpu_throughput",)
+
+
+def kept_sections(path: pathlib.Path) -> dict:
+  """The KEPT_SECTIONS of the results file at `path`, so that a CPU rerun keeps the merged GPU rows."""
+  try:
+    old = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return {}
+  return {k: old[k] for k in KEPT_SECTIONS if k in old}
+
+
+def previous_results(path: pathlib.Path) -> dict:
+  """The sections already in the results file (kept when --only runs a subset)."""
+  try:
+    return json.loads(path.read_text()).get("results", {})
+  except (OSError, ValueError):
+    return {}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="fewer repeats, no resnet50 step")
   parser.add_argument("--out", default=str(REPO / "benchmarks" / "results.json"))
-  parser.add_argument("--only", default="train,penalty,pruned,prune,input")
+  parser.add_argument("--only", default="train,penalty,pruned,prune,input,placement",
+                      help="sections to run; the others' rows are kept from --out")
   args = parser.parse_args()
   only = set(args.only.split(","))
   device = jax.devices()[0]
@@ -249,12 +318,16 @@ def main() -> None:
               ("pruned", "Pruned inference (batch 64)", lambda: bench_pruned(args.quick)),
               ("prune", "prune_params wall time", lambda: bench_prune(args.quick)),
               ("input", "Input pipeline (CIFAR-10 JPEG folder, batch 128)",
-               lambda: bench_input(args.quick, report["results"].get("train", [])))]
+               lambda: bench_input(args.quick, report["results"].get("train", []))),
+              ("placement", "Training with device-resident vs streamed data (CIFAR-10 folder, VGG-16/4, batch 128)",
+               lambda: bench_placement(args.quick))]
   for key, title, fn in sections:
     if key in only:
       report["results"][key] = fn()
       print_table(title, report["results"][key])
       sys.stdout.flush()
+  report.update(kept_sections(pathlib.Path(args.out)))
+  report["results"] = {**previous_results(pathlib.Path(args.out)), **report["results"]}
   pathlib.Path(args.out).write_text(json.dumps(report, indent=2))
   print(f"\nwrote {args.out}")
 

@@ -23,7 +23,6 @@ def get_config():
   c.optim.batch_size = 64
   c.optim.num_epochs = 15
   c.optim.learning_rate = 0.05
-  c.log_every_steps = 10
   c.phases = ("train", "prune", "finetune")
   c.prune.ratios = (0.3, 0.5, 0.7)
   c.prune.source = "best"

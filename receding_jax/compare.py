@@ -17,11 +17,10 @@ importance distributions and test accuracy vs pruning ratio.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from collections.abc import Mapping, Sequence
 
 from receding_jax.training import plots
+from receding_jax.training import workdir as wd
 from receding_jax.training.config import differing_keys
 
 
@@ -38,11 +37,10 @@ def check_seed_groups(groups: Mapping[str, Sequence[str]]) -> None:
   for label, workdirs in groups.items():
     configs = {}
     for w in workdirs:
-      path = os.path.join(w, "config.json")
-      if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: {w} holds no run")
-      with open(path) as f:
-        configs[w] = {k: v for k, v in json.load(f).items() if k != "seed"}
+      config = wd.read_config(w)
+      if config is None:
+        raise FileNotFoundError(f"{wd.config_path(w)} does not exist: {w} holds no run")
+      configs[w] = {k: v for k, v in config.items() if k != "seed"}
     first = workdirs[0]
     for w in workdirs[1:]:
       if configs[w] != configs[first]:
@@ -57,9 +55,8 @@ PAPER_ROW = "test, best epoch (paper)"
 def _paper_values(workdir: str, ratio: str) -> dict[str, float | None]:
   """The paper's convention for one run: the best test accuracy over the epochs of training and of the
   fine-tuning at `ratio` (None where test was not evaluated every epoch); one-shot pruned has one value."""
-  tuned_dir = os.path.join(workdir, f"pruned_{ratio}", "finetune")
-  tuned = plots.max_test_accuracy(plots.read_epochs(tuned_dir)) if os.path.isdir(tuned_dir) else None
-  return {"trained": plots.max_test_accuracy(plots.read_epochs(workdir)), "finetuned": tuned}
+  tuned = plots.last_per_epoch(wd.read_metrics(wd.finetune_dir(workdir, float(ratio))))
+  return {"trained": plots.max_test_accuracy(plots.read_epochs(workdir)), "finetuned": plots.max_test_accuracy(tuned)}
 
 
 def comparison_table(groups: Mapping[str, Sequence[str]]) -> str:
@@ -71,7 +68,7 @@ def comparison_table(groups: Mapping[str, Sequence[str]]) -> str:
   missing_paper = []
   for label, workdirs in groups.items():
     lasts = [plots.read_epochs(w)[-1] for w in workdirs]
-    runs = [plots.read_results(w) for w in workdirs]
+    runs = [wd.read_results(w, required=True) for w in workdirs]
     below = _cell([x["importance_fraction_below_0.05"] for x in lasts])
     above = _cell([x["importance_fraction_above_0.5"] for x in lasts])
     splits = [s for s in ("validation", "test") if f"{s}_accuracy" in runs[0]["trained"]]
@@ -107,18 +104,17 @@ def compare(groups: Mapping[str, Sequence[str]], output_dir: str) -> str:
   """Writes comparison.md and the figures into `output_dir`; returns the table."""
   check_seed_groups(groups)
   table = comparison_table(groups)  # Reads everything first: a missing run fails before any write.
-  os.makedirs(output_dir, exist_ok=True)
-  with open(os.path.join(output_dir, "comparison.md"), "w") as f:
-    f.write(table + "\n")
-  plots.importance_distribution(groups, os.path.join(output_dir, "importances.png"))
-  plots.accuracy_vs_ratio(groups, os.path.join(output_dir, "accuracy_vs_ratio.png"))
+  out = wd.path(output_dir)
+  wd.write_text(out / "comparison.md", table + "\n")
+  plots.importance_distribution(groups, out / "importances.png")
+  plots.accuracy_vs_ratio(groups, out / "accuracy_vs_ratio.png")
   return table
 
 
 def group_workdirs(workdirs: Sequence[str], labels: Sequence[str]) -> dict[str, list[str]]:
   """{label: [workdir, ...]} in order of first appearance; labels default to the workdir names."""
   if not labels:
-    labels = [os.path.basename(os.path.normpath(w)) for w in workdirs]
+    labels = [wd.path(w).name for w in workdirs]
   if len(labels) != len(workdirs):
     raise ValueError(f"need one label per workdir, got {len(labels)} labels {list(labels)} for {len(workdirs)} "
                      "workdirs")

@@ -91,6 +91,25 @@ def test_bfloat16_inputs_keep_float32_statistics():
   assert y_default.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("kind", ["bounded", "batch"])
+def test_zoo_norms_in_bfloat16_reduce_in_float32_and_return_bfloat16(kind):
+  """Both norms of the zoo (`make_norm`): float32 params and statistics close to float32's, bf16 output."""
+  from receding_jax.models.layers import make_norm
+
+  x32 = 10.0 + jax.random.normal(jax.random.key(2), (32, 4, 4, 8))
+  x16 = x32.astype(jnp.bfloat16)
+  norm16, norm32 = (make_norm(kind, True, "norm", compute_dtype=dt) for dt in ("bfloat16", "float32"))
+  variables = norm16.init(jax.random.key(0), x16)
+  assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  y16, updates16 = norm16.apply(variables, x16, mutable=["batch_stats"])
+  y32, updates32 = norm32.apply(variables, x32, mutable=["batch_stats"])
+  assert y16.dtype == jnp.bfloat16 and y32.dtype == jnp.float32
+  assert {leaf.dtype for leaf in jax.tree.leaves(updates16)} == {jnp.dtype(jnp.float32)}
+  for name in ("mean", "var"):
+    np.testing.assert_allclose(updates16["batch_stats"][name], updates32["batch_stats"][name], rtol=1e-2)
+  np.testing.assert_allclose(y16.astype(jnp.float32), y32, atol=0.1)
+
+
 def test_pure_functions_compose_to_the_module():
   x = jax.random.normal(jax.random.key(4), (16, 3, 3, 6)) * 2 + 0.5
   mean, var = batch_moments(x, (0, 1, 2))

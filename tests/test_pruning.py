@@ -13,9 +13,9 @@ import pytest
 
 from receding_jax import prune_params, pruning
 from receding_jax.models import get_model, model_from_spec
-from receding_jax.prune_checkpoint import format_report, prune_checkpoint
 from receding_jax.training import checkpointing
 from receding_jax.training import optimizer as recipe
+from receding_jax.training.pruned_checkpoint import format_report, prune_checkpoint
 
 SMALL = {
     "cifar_vgg16": {"width_multiplier": 0.125},

@@ -18,7 +18,7 @@ import optax
 import pytest
 
 from receding_jax.models import model_from_spec
-from receding_jax.training import checkpointing, experiment, train
+from receding_jax.training import checkpointing, experiment, loop, steps
 from receding_jax.training import optimizer as recipe
 from receding_jax.training.config import default_config, model_spec, paper_config, validate_config
 from receding_jax.training.workdir_files import WorkdirLockedError
@@ -26,7 +26,7 @@ from receding_jax.training.workdir_files import WorkdirLockedError
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.py"
 # A smaller quickstart for the equality tests: 4/8/16 channels, 18 steps an epoch.
-TINY = ["--config.model.width_multiplier=0.25", "--config.log_every_steps=5", "--config.phases=('train',)"]
+TINY = ["--config.model.width_multiplier=0.25", "--config.data.steps_per_dispatch=6", "--config.phases=('train',)"]
 
 
 def load_config(path: pathlib.Path):
@@ -61,7 +61,7 @@ def assert_trees_close(a, b, rtol, atol):
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("quickstart")
-  summary = train.train_and_evaluate(load_config(QUICKSTART), str(workdir))
+  summary = loop.train_and_evaluate(load_config(QUICKSTART), str(workdir))
   return workdir, summary
 
 
@@ -99,14 +99,14 @@ def test_a_workdir_holding_another_configs_run_is_refused_untouched(quickstart_r
   other = load_config(QUICKSTART)
   other.optim.learning_rate = 0.07
   with pytest.raises(ValueError, match=r"another config.*optim"):
-    train.train_and_evaluate(other, str(workdir))
+    loop.train_and_evaluate(other, str(workdir))
   assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
 
 
 def test_rerunning_a_finished_run_changes_nothing_and_reports_its_result(quickstart_run):
   workdir, summary = quickstart_run
   before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
-  again = train.train_and_evaluate(load_config(QUICKSTART), str(workdir))
+  again = loop.train_and_evaluate(load_config(QUICKSTART), str(workdir))
   assert again["test_accuracy"] == summary["test_accuracy"] and again["step"] == summary["step"]
   assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
 
@@ -202,62 +202,48 @@ def test_a_live_run_holds_its_workdir_and_resume_after_kill_ends_with_the_same_p
 EIGHT_DEVICES_VS_ONE = """
 import importlib.util, sys
 import jax, numpy as np
-from receding_jax.training import input_pipeline as ip, train
+from receding_jax.training import data, steps
 from receding_jax.training.config import model_spec
 from receding_jax.models import model_from_spec
 spec = importlib.util.spec_from_file_location("q", sys.argv[1]); q = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(q)
 config = q.get_config()
-config.model.width_multiplier = 0.25
+config.model.width_multiplier, config.data.steps_per_dispatch = 0.25, 5
 model = model_from_spec(model_spec(config))
 one_device = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
-trainers = [train.make_trainer(config, model, 18), train.make_trainer(config, model, 18, mesh=one_device)]
-states = [t.init() for t in trainers]
-shard = ip.load_shard(config, "train", 0, 1)
-for i, local in zip(range(5), ip.train_batches(shard, config, 0)):
-  batches = [train.global_batch(t.mesh, local) for t in trainers]
-  assert len(batches[0]["image"].sharding.device_set) == 8 and len(batches[1]["image"].sharding.device_set) == 1
-  states = [t.train(s, b)[0] for t, s, b in zip(trainers, states, batches)]
-eight, one = (jax.device_get({k: s[k] for k in ("params", "batch_stats")}) for s in states)
-init = jax.device_get(trainers[1].init()["params"])
-moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(init)))
-worst = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(eight), jax.tree.leaves(one)))
-print(f"moved {moved} worst {worst}")
+for placement in ("device", "streaming"):
+  train_split = data.load_splits(config, ("train",))["train"]
+  out = []
+  for mesh in (steps.make_mesh(), one_device):
+    feed = data.train_feed(config, train_split, mesh, placement)
+    trainer = steps.make_trainer(config, model, feed.steps, mesh, prepare=feed.prepare)
+    state = trainer.init()
+    for _, chunk in zip(range(5 if placement == "streaming" else 1), feed.chunks(0, 0)):
+      assert len(chunk["image"].sharding.device_set) == len(mesh.devices.flat)
+      state, _ = trainer.train(state, chunk)
+    assert int(state["step"]) == 5
+    out.append(jax.device_get({k: state[k] for k in ("params", "batch_stats")}))
+  init = jax.device_get(trainer.init()["params"])
+  moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(out[1]["params"]), jax.tree.leaves(init)))
+  worst = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(out[1])))
+  print(placement, moved, worst)
 """
 
 
-def test_eight_devices_train_like_one_on_the_same_batches():
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES_VS_ONE, str(QUICKSTART)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-5000:]
-  moved, worst = (float(v) for v in result.stdout.split()[1::2])
+@pytest.mark.parametrize("placement", ["device", "streaming"])
+def test_eight_devices_train_like_one_on_the_same_batches(eight_devices_vs_one, placement):
+  moved, worst = eight_devices_vs_one[placement]
   assert moved > 0.05  # Five steps change the parameters a lot ...
   assert worst < 1e-5  # ... and 8 devices (global-batch statistics) agree with 1 to float rounding.
 
 
-REFERENCE_OF_TWO_SHARDS = """
-import json, sys
-import jax, numpy as np
-from receding_jax.training import input_pipeline as ip, train
-from receding_jax.training.config import model_spec
-from receding_jax.models import model_from_spec
-config = json.loads(sys.argv[1])
-import ml_collections
-config = ml_collections.ConfigDict(config)
-config.dataset.mean, config.dataset.std = tuple(config.dataset.mean), tuple(config.dataset.std)
-config.optim.decay_fractions = tuple(config.optim.decay_fractions)
-shards = [ip.load_shard(config, "train", p, 2) for p in range(2)]
-steps = ip.steps_per_epoch(shards[0], config.optim.batch_size)
-trainer = train.make_trainer(config, model_from_spec(model_spec(config)), steps)
-state = trainer.init()
-for epoch in range(config.optim.num_epochs):
-  for b0, b1 in zip(*(ip.train_batches(s, config, epoch) for s in shards)):
-    batch = {k: np.concatenate([b0[k], b1[k]]) for k in b0}
-    state, _ = trainer.train(state, train.global_batch(trainer.mesh, batch))
-np.savez(sys.argv[2], **{"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(v)
-                         for p, v in jax.tree_util.tree_leaves_with_path(state["params"])})
-"""
+@pytest.fixture(scope="module")
+def eight_devices_vs_one():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES_VS_ONE, str(QUICKSTART)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-5000:]
+  return {line.split()[0]: tuple(float(v) for v in line.split()[1:]) for line in result.stdout.splitlines()}
 
 
 def _free_port() -> int:
@@ -278,7 +264,7 @@ def run_two_processes(workdir, *flags) -> list[str]:
   return outputs
 
 
-def test_two_processes_on_loopback_train_like_one_process_on_their_shards_and_agree_on_the_phases(tmp_path):
+def test_two_processes_on_loopback_train_like_one_process_and_agree_on_the_phases(tmp_path):
   flags = [*TINY[:-1], "--config.optim.num_epochs=1", "--config.optim.batch_size=256",  # 5 steps.
            "--config.phases=('train', 'prune')", "--config.prune.ratios=(0.5,)"]
   outputs = run_two_processes(tmp_path / "two", *flags)
@@ -293,29 +279,24 @@ def test_two_processes_on_loopback_train_like_one_process_on_their_shards_and_ag
   again = run_two_processes(tmp_path / "two", *flags)  # Both agree that the run is finished.
   assert all("holds a finished run" in out and table in out for out in again)
   assert file_hashes(tmp_path / "two") == before
-  config = json.loads((tmp_path / "two" / "config.json").read_text())
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  cmd = [sys.executable, "-c", REFERENCE_OF_TWO_SHARDS, json.dumps(config), str(tmp_path / "ref.npz")]
-  result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-5000:]
-  reference = np.load(tmp_path / "ref.npz")
-  got = final_params(tmp_path / "two")["params"]
-  flat = {"/".join(str(getattr(k, "key", k)) for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(got)}
-  assert set(flat) == set(reference.files)
-  for name, value in flat.items():
-    np.testing.assert_allclose(value, reference[name], rtol=1e-4, atol=1e-6, err_msg=name)
+  # The device-resident epoch is a function of (seed, epoch) over the whole split, so one process with
+  # two devices trains on the same global batches as two processes with one device each.
+  assert "data device" in outputs[0]
+  run_main(tmp_path / "one", *flags[:-2], "--config.phases=('train',)", devices=2)
+  got, reference = final_params(tmp_path / "two")["params"], final_params(tmp_path / "one")["params"]
+  assert_trees_close(got, reference, rtol=1e-4, atol=1e-6)
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   c = load_config(QUICKSTART)
-  c.model.width_multiplier, c.optim.learning_rate, c.log_every_steps = 0.25, 1e30, 5
+  c.model.width_multiplier, c.optim.learning_rate, c.data.steps_per_dispatch = 0.25, 1e30, 5
   spec = model_spec(c)
-  trainer = train.make_trainer(c, model_from_spec(spec), steps_per_epoch=23)
+  trainer = steps.make_trainer(c, model_from_spec(spec), steps_per_epoch=23)
   good = trainer.init()
   manager = checkpointing.make_manager(tmp_path / "checkpoints")
   checkpointing.save(manager, 0, good, spec)
   with pytest.raises(FloatingPointError, match=r"(nan|inf) at step \d+.*checkpoint \(step 0\)"):
-    train.train_and_evaluate(c, str(tmp_path))
+    loop.train_and_evaluate(c, str(tmp_path))
   assert manager.all_steps() == [0] or checkpointing.make_manager(tmp_path / "checkpoints").all_steps() == [0]
   kept = final_params(tmp_path)
   assert_trees_close(kept["params"], jax.device_get(good["params"]), rtol=0, atol=0)
@@ -338,7 +319,7 @@ def test_a_short_run_on_the_shared_cifar10_folder_learns(tmp_path, cifar10_folde
   c.model.name, c.model.width_multiplier = "cifar_resnet20", 0.25
   c.optim.num_epochs, c.optim.learning_rate, c.optim.decay_factor = 1, 0.05, 1.0
   c.penalty.relative_to_paper = False  # 78 steps: the paper-equivalent push would be ~1,700x the strength.
-  summary = train.train_and_evaluate(c, str(tmp_path))
+  summary = loop.train_and_evaluate(c, str(tmp_path))
   assert summary["validation_count"] == 1000 and summary["test_count"] == 10000
   assert summary["validation_accuracy"] > 0.2 and summary["test_accuracy"] > 0.2  # Ten classes: chance is 0.1.
 
@@ -387,7 +368,7 @@ def test_a_damaged_checkpoint_stops_in_one_line_and_changes_nothing_unless_told_
   assert file_hashes(workdir) == before
   # Asked to (--skip_damaged_checkpoints), resuming takes the newest readable step and moves the damaged
   # one aside, so that training can save that step again.
-  state, manager = train.resume(lambda: checkpointing.make_manager(workdir / "checkpoints"), None, skip_damaged=True)
+  state, manager = loop.resume(lambda: checkpointing.make_manager(workdir / "checkpoints"), None, skip_damaged=True)
   assert int(state["step"]) == older and manager.all_steps() == steps[:-1]
   assert f"skipping damaged checkpoint step {newest}" in capsys.readouterr().out
   assert [p.name.split("_")[0] for p in (workdir / "checkpoints_damaged").iterdir()] == [str(newest)]

@@ -1,4 +1,4 @@
-"""The workdir lock: held by one live process, re-entrant within it, released on exit or death."""
+"""The workdir lock: held by one live process, re-entrant within it, released on exit or death; on gs:// too."""
 
 import json
 import os
@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from fake_gcs import run_on_fake_gcs
 
 from receding_jax.training import workdir_files
 from receding_jax.training.workdir_files import WorkdirLockedError
@@ -53,8 +54,46 @@ def test_without_flock_a_lock_is_stale_only_when_its_holder_on_this_host_is_gone
     workdir_files._stale_without_flock(str(lock))
 
 
-def test_writes_are_atomic_and_leave_no_temporary_file(tmp_path):
-  path = tmp_path / "sub" / "results.json"
-  workdir_files.write_json(str(path), {"a": 1})
-  workdir_files.write_json(str(path), {"a": 2})
-  assert json.loads(path.read_text()) == {"a": 2} and os.listdir(path.parent) == ["results.json"]
+ON_GCS = """
+import json, os, socket, subprocess
+from receding_jax.training import workdir as wd, workdir_files
+from receding_jax.training.workdir_files import WorkdirLockedError, _boot_id
+
+root = "gs://bucket/run"
+lock = wd.lock_path(root)
+with workdir_files.hold(root):
+  assert json.loads(lock.read_text())["pid"] == os.getpid()
+  with workdir_files.hold(root):  # Re-entrant.
+    pass
+  assert lock.exists()
+assert not lock.exists()
+
+def refused(holder, match):
+  wd.write_text(lock, json.dumps({"since": 0, **holder}))
+  try:
+    with workdir_files.hold(root):
+      raise AssertionError(f"{holder} did not keep the workdir")
+  except WorkdirLockedError as e:
+    assert match in str(e), e
+  assert json.loads(lock.read_text())["pid"] == holder["pid"]  # Left as it was.
+
+def taken_over(holder):
+  wd.write_text(lock, json.dumps({"since": 0, **holder}))
+  with workdir_files.hold(root):
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+  assert not lock.exists()
+
+here, boot = socket.gethostname(), _boot_id()
+dead = subprocess.Popen(["true"])
+dead.wait()
+refused({"pid": 1, "host": "elsewhere"}, f"delete {lock}")
+refused({"pid": os.getppid(), "host": here, "boot": boot}, f"in use by process {os.getppid()} on host {here}")
+taken_over({"pid": dead.pid, "host": here, "boot": boot})
+taken_over({"pid": os.getppid(), "host": here, "boot": "an earlier boot"})
+print("ok")
+"""
+
+
+def test_a_gs_workdir_is_locked_by_the_contents_of_its_lock_file(tmp_path):
+  assert run_on_fake_gcs(ON_GCS, cwd=tmp_path).stdout.split()[-1] == "ok"
+  assert os.listdir(tmp_path) == []

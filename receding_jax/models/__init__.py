@@ -1,7 +1,9 @@
 """The model zoo: Flax Linen networks parametrised by explicit per-layer widths, norm chosen by name.
 
 A pruned network is the same class built with narrower widths, so checkpoints of pruned models restore
-into `get_model(name, ..., widths=...)` / `inner_widths=...` without any other change.
+into `get_model(name, ..., widths=...)` / `inner_widths=...` without any other change. Every model
+computes in its `compute_dtype` ('float32' or 'bfloat16'), with float32 parameters, batch statistics
+and logits either way.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from receding_jax.models.layers import NORM_KINDS, check_norm_kind
+from receding_jax.models.layers import COMPUTE_DTYPES, NORM_KINDS, check_compute_dtype, check_norm_kind
 from receding_jax.models.resnet import BasicBlock, Bottleneck, CifarResNet, ResNet
 from receding_jax.models.vgg import VGG16_WIDTHS, CifarVGG, ImageNetVGG
 
@@ -53,40 +55,54 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def get_model(name: str, num_classes: int, norm: str = "bounded", **overrides: Any) -> nn.Module:
+def get_model(
+    name: str, num_classes: int, norm: str = "bounded", compute_dtype: str = "float32", **overrides: Any
+) -> nn.Module:
   """Builds a zoo model by name.
 
   Args:
     name: one of MODELS ('cifar_vgg16', 'cifar_resnet20/56/110', 'resnet50', 'vgg16').
     num_classes: classifier outputs.
     norm: 'bounded' (BoundedScaleNorm) or 'batch' (flax BatchNorm).
+    compute_dtype: 'float32' or 'bfloat16' (mixed precision: bf16 convolutions, dense layers and
+      activations; float32 parameters, batch statistics and logits).
     **overrides: model attributes (e.g. ``widths`` for VGG, ``inner_widths``/``stage_widths`` for
       ResNets, ``batch_norm_scale_init``), or ``width_multiplier`` to scale the default widths.
   """
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
   check_norm_kind(norm)
+  check_compute_dtype(compute_dtype)
   if not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
   try:
-    return MODELS[name](num_classes, norm, **overrides)
+    return MODELS[name](num_classes, norm, compute_dtype=compute_dtype, **overrides)
   except TypeError as e:
     raise ValueError(f"bad overrides {sorted(overrides)} for model {name!r}: {e}") from None
 
 
+#: Keys of a model spec; all but 'name' and 'num_classes' may be missing ('compute_dtype' then 'float32').
+SPEC_KEYS = ("name", "num_classes", "norm", "compute_dtype", "overrides")
+
+
 def model_from_spec(spec: dict[str, Any]) -> nn.Module:
-  """Rebuilds a model from a JSON-able spec {'name', 'num_classes', 'norm', 'overrides'} (JSON lists in
-  the overrides become tuples, so the model equals the one the spec was written from)."""
-  unknown = sorted(set(spec) - {"name", "num_classes", "norm", "overrides"})
+  """Rebuilds a model from a JSON-able spec {'name', 'num_classes', 'norm', 'compute_dtype', 'overrides'}
+  (JSON lists in the overrides become tuples, so the model equals the one the spec was written from).
+  Specs written before mixed precision have no 'compute_dtype' and rebuild float32 models."""
+  unknown = sorted(set(spec) - set(SPEC_KEYS))
   if unknown or "name" not in spec or "num_classes" not in spec:
-    raise ValueError(f"a model spec needs 'name' and 'num_classes' (and may have 'norm', 'overrides'); got {spec}")
+    raise ValueError(f"a model spec needs 'name' and 'num_classes' (and may have 'norm', 'compute_dtype', "
+                     f"'overrides'); got {spec}")
   overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.get("overrides", {}).items()}
-  return get_model(spec["name"], spec["num_classes"], spec.get("norm", "bounded"), **overrides)
+  return get_model(spec["name"], spec["num_classes"], spec.get("norm", "bounded"),
+                   spec.get("compute_dtype", "float32"), **overrides)
 
 
 __all__ = [
+    "COMPUTE_DTYPES",
     "MODELS",
     "NORM_KINDS",
+    "SPEC_KEYS",
     "BasicBlock",
     "Bottleneck",
     "CifarResNet",

@@ -6,11 +6,15 @@ from typing import Literal
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from receding_jax.norm import BoundedScaleNorm
 
 NormKind = Literal["bounded", "batch"]
 NORM_KINDS = ("bounded", "batch")
+#: Dtypes the convolutions and dense layers may compute in (by name, as in model specs); parameters,
+#: norm statistics and logits stay float32 either way.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 #: Conv kernels ~ Normal(0, sqrt(2 / (k * k * out_channels))) (He, fan-out), METHOD.md section 4.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -24,19 +28,41 @@ def check_norm_kind(norm: str) -> None:
     raise ValueError(f"norm must be one of {NORM_KINDS}, got {norm!r}")
 
 
-def make_norm(norm: NormKind, train: bool, name: str, batch_norm_scale_init: float = 1.0) -> nn.Module:
+def check_compute_dtype(compute_dtype: str) -> None:
+  """Raises ValueError naming `compute_dtype` unless it is one of COMPUTE_DTYPES."""
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
+
+
+def compute_dtype_of(compute_dtype: str) -> jnp.dtype:
+  """The jnp dtype named by `compute_dtype` ('float32' or 'bfloat16'); ValueError for any other name."""
+  check_compute_dtype(compute_dtype)
+  return jnp.dtype(compute_dtype)
+
+
+def make_norm(
+    norm: NormKind, train: bool, name: str, batch_norm_scale_init: float = 1.0, compute_dtype: str = "float32"
+) -> nn.Module:
   """The norm layer by kind: 'bounded' = BoundedScaleNorm, 'batch' = flax BatchNorm (gamma init given).
 
-  Both use PyTorch's momentum 0.1 (Flax 0.9) and epsilon 1e-5, so either trains like the reference.
+  Both use PyTorch's momentum 0.1 (Flax 0.9) and epsilon 1e-5, so either trains like the reference. Both
+  reduce the batch statistics in float32 (also from bfloat16 inputs), keep float32 parameters and running
+  statistics, and return activations in `compute_dtype`.
   """
   check_norm_kind(norm)
+  dtype = compute_dtype_of(compute_dtype)
   if norm == "bounded":
-    return BoundedScaleNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+    return BoundedScaleNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, name=name
+    )
   return nn.BatchNorm(
       use_running_average=not train,
       momentum=0.9,
       epsilon=1e-5,
       scale_init=nn.initializers.constant(batch_norm_scale_init),
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      force_float32_reductions=True,
       name=name,
   )
 
@@ -86,9 +112,19 @@ def cpu_friendly_conv(
   return jax.lax.dot_general(patches, kernel, (((3,), (0,)), ((), ())), precision=precision)
 
 
-def conv(features: int, kernel: int, stride: int = 1, use_bias: bool = False, name: str | None = None) -> nn.Conv:
+def conv(
+    features: int,
+    kernel: int,
+    stride: int = 1,
+    use_bias: bool = False,
+    name: str | None = None,
+    compute_dtype: str = "float32",
+) -> nn.Conv:
   """A square convolution with PyTorch-style symmetric padding k // 2 and the method's init (a plain
-  `flax.linen.Conv`; on CPU, small maps take `cpu_friendly_conv`'s patches + matmul path)."""
+  `flax.linen.Conv`; on CPU, small maps take `cpu_friendly_conv`'s patches + matmul path).
+
+  Inputs and the float32 kernel are cast to `compute_dtype`, which the output has.
+  """
   pad = kernel // 2
   return nn.Conv(
       features,
@@ -98,13 +134,18 @@ def conv(features: int, kernel: int, stride: int = 1, use_bias: bool = False, na
       use_bias=use_bias,
       kernel_init=conv_kernel_init,
       conv_general_dilated=cpu_friendly_conv,
+      dtype=compute_dtype_of(compute_dtype),
+      param_dtype=jnp.float32,
       name=name,
   )
 
 
-def dense(features: int, name: str | None = None) -> nn.Dense:
-  """A dense layer with Normal(0, 0.01) kernel and zero bias."""
-  return nn.Dense(features, kernel_init=dense_kernel_init, name=name)
+def dense(features: int, name: str | None = None, compute_dtype: str = "float32") -> nn.Dense:
+  """A dense layer with Normal(0, 0.01) float32 kernel and zero bias, computing in `compute_dtype`."""
+  return nn.Dense(
+      features, kernel_init=dense_kernel_init, dtype=compute_dtype_of(compute_dtype), param_dtype=jnp.float32,
+      name=name,
+  )
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:

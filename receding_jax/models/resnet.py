@@ -26,21 +26,26 @@ def option_a_shortcut(x: jax.Array, out_channels: int, stride: int) -> jax.Array
 
 
 class BasicBlock(nn.Module):
-  """conv3x3(inner) -> norm1 -> ReLU -> conv3x3(out) -> norm2, plus option-A shortcut, then ReLU."""
+  """conv3x3(inner) -> norm1 -> ReLU -> conv3x3(out) -> norm2, plus option-A shortcut, then ReLU.
+
+  Computes in `compute_dtype` ('float32' or 'bfloat16'; see `layers.make_norm` for the norms).
+  """
 
   inner: int
   out: int
   stride: int
   norm: NormKind
   batch_norm_scale_init: float = 1.0
+  compute_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    y = conv(self.inner, 3, self.stride, name="conv1")(x)
-    y = nn.relu(make_norm(self.norm, train, "norm1", self.batch_norm_scale_init)(y))
-    y = conv(self.out, 3, name="conv2")(y)
-    y = make_norm(self.norm, train, "norm2", self.batch_norm_scale_init)(y)
-    return nn.relu(y + option_a_shortcut(x, self.out, self.stride))
+    dt = self.compute_dtype
+    y = conv(self.inner, 3, self.stride, name="conv1", compute_dtype=dt)(x)
+    y = nn.relu(make_norm(self.norm, train, "norm1", self.batch_norm_scale_init, dt)(y))
+    y = conv(self.out, 3, name="conv2", compute_dtype=dt)(y)
+    y = make_norm(self.norm, train, "norm2", self.batch_norm_scale_init, dt)(y)
+    return nn.relu(y + option_a_shortcut(x, self.out, self.stride).astype(y.dtype))
 
 
 class CifarResNet(nn.Module):
@@ -54,6 +59,8 @@ class CifarResNet(nn.Module):
     stage_widths: residual-stream width of each stage.
     inner_widths: conv1 output width of every block, stage-major (None: the stage width); pruning
       narrows these.
+    compute_dtype: 'float32' or 'bfloat16': the dtype convolutions, dense layer and norm outputs compute
+      in; parameters, batch statistics and the returned logits are float32 either way.
   """
 
   blocks_per_stage: int = 9
@@ -63,6 +70,7 @@ class CifarResNet(nn.Module):
   inner_widths: Sequence[int] | None = None
   batch_norm_scale_init: float = 1.0
   input_shape: Sequence[int] = (32, 32, 3)  # [height, width, channels] of one input (FLOP counts, checks).
+  compute_dtype: str = "float32"
 
   @property
   def widths(self) -> tuple[int, ...]:
@@ -73,23 +81,25 @@ class CifarResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """[batch, 32, 32, 3] images -> [batch, num_classes] logits."""
-    inner = iter(self.widths)
-    x = conv(self.stage_widths[0], 3, name="stem_conv")(x)
-    x = make_norm(self.norm, train, "stem_norm", self.batch_norm_scale_init)(x)
+    """[batch, 32, 32, 3] images -> [batch, num_classes] float32 logits."""
+    inner, dt = iter(self.widths), self.compute_dtype
+    x = conv(self.stage_widths[0], 3, name="stem_conv", compute_dtype=dt)(x)
+    x = make_norm(self.norm, train, "stem_norm", self.batch_norm_scale_init, dt)(x)
     for s, width in enumerate(self.stage_widths):
       for b in range(self.blocks_per_stage):
         stride = 2 if s > 0 and b == 0 else 1
-        block = BasicBlock(next(inner), width, stride, self.norm, self.batch_norm_scale_init, name=f"stage{s}_block{b}")
+        block = BasicBlock(next(inner), width, stride, self.norm, self.batch_norm_scale_init, dt,
+                           name=f"stage{s}_block{b}")
         x = block(x, train)
-    return dense(self.num_classes, name="classifier")(x.mean(axis=(1, 2)))
+    logits = dense(self.num_classes, name="classifier", compute_dtype=dt)(x.mean(axis=(1, 2)))
+    return logits.astype(jnp.float32)
 
 
 class Bottleneck(nn.Module):
   """conv1x1(inner1)-norm1-ReLU-conv3x3/stride(inner2)-norm2-ReLU-conv1x1(out)-norm3, + shortcut, ReLU.
 
   The shortcut is a strided conv1x1 + norm ('proj_conv', 'proj_norm') when the shape changes
-  (torchvision's ResNet v1.5: the stride sits on the 3x3 convolution).
+  (torchvision's ResNet v1.5: the stride sits on the 3x3 convolution). Computes in `compute_dtype`.
   """
 
   inner1: int
@@ -98,18 +108,21 @@ class Bottleneck(nn.Module):
   stride: int
   norm: NormKind
   batch_norm_scale_init: float = 1.0
+  compute_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    def norm(name):
-      return make_norm(self.norm, train, name, self.batch_norm_scale_init)
+    dt = self.compute_dtype
 
-    y = nn.relu(norm("norm1")(conv(self.inner1, 1, name="conv1")(x)))
-    y = nn.relu(norm("norm2")(conv(self.inner2, 3, self.stride, name="conv2")(y)))
-    y = norm("norm3")(conv(self.out, 1, name="conv3")(y))
+    def norm(name):
+      return make_norm(self.norm, train, name, self.batch_norm_scale_init, dt)
+
+    y = nn.relu(norm("norm1")(conv(self.inner1, 1, name="conv1", compute_dtype=dt)(x)))
+    y = nn.relu(norm("norm2")(conv(self.inner2, 3, self.stride, name="conv2", compute_dtype=dt)(y)))
+    y = norm("norm3")(conv(self.out, 1, name="conv3", compute_dtype=dt)(y))
     if self.stride != 1 or x.shape[-1] != self.out:
-      x = norm("proj_norm")(conv(self.out, 1, self.stride, name="proj_conv")(x))
-    return nn.relu(y + x)
+      x = norm("proj_norm")(conv(self.out, 1, self.stride, name="proj_conv", compute_dtype=dt)(x))
+    return nn.relu(y + x.astype(y.dtype))
 
 
 class ResNet(nn.Module):
@@ -121,6 +134,7 @@ class ResNet(nn.Module):
     stage_sizes: blocks per stage ((3, 4, 6, 3) for ResNet-50).
     stage_widths: inner width of each stage before pruning; the block output is 4x that.
     inner_widths: (inner1, inner2) of every block, flattened stage-major (None: stage widths).
+    compute_dtype: 'float32' or 'bfloat16' (as in `CifarResNet`); the logits are float32 either way.
   """
 
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
@@ -131,6 +145,7 @@ class ResNet(nn.Module):
   expansion: int = 4
   batch_norm_scale_init: float = 1.0
   input_shape: Sequence[int] = (224, 224, 3)  # [height, width, channels] of one input (FLOP counts, checks).
+  compute_dtype: str = "float32"
 
   @property
   def widths(self) -> tuple[int, ...]:
@@ -141,16 +156,16 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """[batch, 224, 224, 3] images -> [batch, num_classes] logits."""
-    inner = iter(self.widths)
-    x = conv(self.stage_widths[0], 7, 2, name="stem_conv")(x)
-    x = nn.relu(make_norm(self.norm, train, "stem_norm", self.batch_norm_scale_init)(x))
+    """[batch, 224, 224, 3] images -> [batch, num_classes] float32 logits."""
+    inner, dt = iter(self.widths), self.compute_dtype
+    x = conv(self.stage_widths[0], 7, 2, name="stem_conv", compute_dtype=dt)(x)
+    x = nn.relu(make_norm(self.norm, train, "stem_norm", self.batch_norm_scale_init, dt)(x))
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     for s, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths, strict=True)):
       for b in range(size):
         stride = 2 if s > 0 and b == 0 else 1
         x = Bottleneck(
-            next(inner), next(inner), width * self.expansion, stride, self.norm, self.batch_norm_scale_init,
+            next(inner), next(inner), width * self.expansion, stride, self.norm, self.batch_norm_scale_init, dt,
             name=f"stage{s}_block{b}",
         )(x, train)
-    return dense(self.num_classes, name="classifier")(x.mean(axis=(1, 2)))
+    return dense(self.num_classes, name="classifier", compute_dtype=dt)(x.mean(axis=(1, 2))).astype(jnp.float32)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from receding_jax.models.layers import NormKind, conv, dense, make_norm, max_pool_2x2
 
@@ -21,14 +22,15 @@ def conv_stack(
     norm: NormKind,
     train: bool,
     batch_norm_scale_init: float,
+    compute_dtype: str = "float32",
 ) -> jax.Array:
   """conv3x3(+bias) -> norm -> ReLU for each width, 2x2 max-pool after the indices in `pool_after`.
 
-  Modules are named conv{i} and norm{i}, i = 0..len(widths)-1.
+  Modules are named conv{i} and norm{i}, i = 0..len(widths)-1. The result has `compute_dtype`.
   """
   for i, width in enumerate(widths):
-    x = conv(width, 3, use_bias=True, name=f"conv{i}")(x)
-    x = make_norm(norm, train, f"norm{i}", batch_norm_scale_init)(x)
+    x = conv(width, 3, use_bias=True, name=f"conv{i}", compute_dtype=compute_dtype)(x)
+    x = make_norm(norm, train, f"norm{i}", batch_norm_scale_init, compute_dtype)(x)
     x = nn.relu(x)
     if i in pool_after:
       x = max_pool_2x2(x)
@@ -44,6 +46,8 @@ class CifarVGG(nn.Module):
     norm: 'bounded' (BoundedScaleNorm) or 'batch' (flax BatchNorm).
     pool_after: conv indices followed by a 2x2 max-pool.
     batch_norm_scale_init: initial gamma of 'batch' norms (Network Slimming uses 0.5).
+    compute_dtype: 'float32' or 'bfloat16': the dtype convolutions, dense layer and norm outputs compute
+      in; parameters, batch statistics and the returned logits are float32 either way.
   """
 
   widths: Sequence[int] = VGG16_WIDTHS
@@ -52,21 +56,23 @@ class CifarVGG(nn.Module):
   pool_after: Sequence[int] = VGG16_POOL_AFTER
   batch_norm_scale_init: float = 1.0
   input_shape: Sequence[int] = (32, 32, 3)  # [height, width, channels] of one input (FLOP counts, checks).
+  compute_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """[batch, 32, 32, 3] images -> [batch, num_classes] logits."""
-    x = conv_stack(x, self.widths, self.pool_after, self.norm, train, self.batch_norm_scale_init)
+    """[batch, 32, 32, 3] images -> [batch, num_classes] float32 logits."""
+    dt = self.compute_dtype
+    x = conv_stack(x, self.widths, self.pool_after, self.norm, train, self.batch_norm_scale_init, dt)
     x = nn.avg_pool(x, (2, 2), (2, 2))
     x = x.reshape(x.shape[0], -1)
-    return dense(self.num_classes, name="classifier")(x)
+    return dense(self.num_classes, name="classifier", compute_dtype=dt)(x).astype(jnp.float32)
 
 
 class ImageNetVGG(nn.Module):
   """torchvision-style VGG-BN for 224x224 inputs: conv stack with a pool after every stage, 7x7 map,
   flatten, dense 4096 -> ReLU -> dropout -> dense 4096 -> ReLU -> dropout -> dense classes.
 
-  Dropout needs an rng named 'dropout' when ``train`` is True.
+  Dropout needs an rng named 'dropout' when ``train`` is True. `compute_dtype` as in `CifarVGG`.
   """
 
   widths: Sequence[int] = VGG16_WIDTHS
@@ -77,13 +83,15 @@ class ImageNetVGG(nn.Module):
   dropout_rate: float = 0.5
   batch_norm_scale_init: float = 1.0
   input_shape: Sequence[int] = (224, 224, 3)  # [height, width, channels] of one input (FLOP counts, checks).
+  compute_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """[batch, 224, 224, 3] images -> [batch, num_classes] logits."""
-    x = conv_stack(x, self.widths, self.pool_after, self.norm, train, self.batch_norm_scale_init)
+    """[batch, 224, 224, 3] images -> [batch, num_classes] float32 logits."""
+    dt = self.compute_dtype
+    x = conv_stack(x, self.widths, self.pool_after, self.norm, train, self.batch_norm_scale_init, dt)
     x = x.reshape(x.shape[0], -1)  # [batch, 7 * 7 * widths[-1]], channels fastest.
     for i in range(2):
-      x = nn.relu(dense(self.hidden, name=f"fc{i}")(x))
+      x = nn.relu(dense(self.hidden, name=f"fc{i}", compute_dtype=dt)(x))
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return dense(self.num_classes, name="classifier")(x)
+    return dense(self.num_classes, name="classifier", compute_dtype=dt)(x).astype(jnp.float32)

@@ -21,6 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from receding_jax.training import workdir
+
 PyTree = Any
 _SETTLE_SECONDS = 1.0
 
@@ -47,7 +49,7 @@ def make_manager(
       enable_async_checkpointing=False,
   )
   handlers = {"state": ocp.StandardCheckpointHandler(), "model": ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
+  return ocp.CheckpointManager(workdir.path(directory), options=options, item_handlers=handlers)
 
 
 def save(
@@ -119,13 +121,14 @@ def restore(
 def set_aside(manager: ocp.CheckpointManager, step: int) -> str:
   """Moves the (damaged) step `step` out of the manager's directory into ``<directory>_damaged/<step>``, on
   process 0, so that resuming from an older step can save this step number again; returns where it went."""
-  source = os.path.join(os.fspath(manager.directory), str(step))
-  target = os.path.join(os.fspath(manager.directory) + "_damaged", f"{step}_{int(time.time())}")
+  directory = workdir.path(manager.directory)
+  source = directory / str(step)
+  target = directory.parent / f"{directory.name}_damaged" / f"{step}_{int(time.time())}"
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    os.replace(source, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source.rename(target)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(f"set_aside {source}")
-  return target
+  return str(target)

@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from receding_jax.models import MODELS, NORM_KINDS
+from receding_jax.models import COMPUTE_DTYPES, MODELS, NORM_KINDS
 from receding_jax.pruning import SCOPES
 
 DATASETS = ("cifar10", "cifar100", "imagenet2012", "digits", "folder")
@@ -23,6 +23,7 @@ PENALTIES = ("rni", "l1", "polarization", "none")
 SCHEDULES = ("step", "cosine")
 PHASES = ("train", "prune", "finetune")
 PRUNE_SOURCES = ("last", "best")
+PLACEMENTS = ("auto", "device", "streaming")
 #: Which norm each penalty acts on.
 PENALTY_NORM = {"rni": "bounded", "l1": "batch", "polarization": "batch"}
 
@@ -49,11 +50,24 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset.std = (0.2023, 0.1994, 0.2010)
   c.dataset.shuffle_buffer = 50_000
 
+  # Where batches come from (receding_jax.training.data): 'device' keeps the splits' uint8 images on the
+  # accelerators and runs `steps_per_dispatch` steps per dispatch; 'streaming' decodes and augments on the
+  # host (Grain); 'auto' = 'device' when the splits fit `device_budget_mb` and their augmentation runs there.
+  c.data = ml_collections.ConfigDict()
+  c.data.placement = "auto"
+  c.data.device_budget_mb = 2048.0  # uint8 images of every split the run reads, all devices together.
+  # Steps per dispatch of device-resident data; 0 = 100 on GPUs and TPUs, 1 on CPUs (XLA:CPU runs a step
+  # inside a scan slower than a dispatched one: benchmarks/).
+  c.data.steps_per_dispatch = 0
+
   c.model = ml_collections.ConfigDict()
   c.model.name = "cifar_vgg16"  # A key of receding_jax.models.MODELS.
   c.model.norm = "bounded"  # 'bounded' (BoundedScaleNorm) or 'batch' (BatchNorm).
   c.model.width_multiplier = 1.0
   c.model.batch_norm_scale_init = 1.0  # gamma init of 'batch' norms (0.5 in the paper's L1/polarization/UCS).
+  # 'float32' or 'bfloat16': convolutions, dense layers and activations compute in this dtype; params,
+  # optimizer state, norm statistics, penalty, loss and logits stay float32 (mixed precision).
+  c.model.compute_dtype = "float32"
 
   c.penalty = ml_collections.ConfigDict()
   c.penalty.kind = "rni"  # One of PENALTIES.
@@ -83,7 +97,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep_best = 0  # Also keep this many with the best validation accuracy (needs a validation split).
   c.checkpoint.every_epochs = 1
 
-  c.log_every_steps = 50
   c.eval_every_epochs = 1
   # Also evaluate the test split every epoch (only reported, never used to choose): what the paper's
   # convention, the best test accuracy over epochs, needs when there is a validation split. Without one,
@@ -183,9 +196,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(len(d.mean) == len(d.std) and all(s > 0 for s in d.std), "dataset.std", d.std,
          "positive, one per channel, as many as dataset.mean")
   _check(d.validation_examples >= 0, "dataset.validation_examples", d.validation_examples, "must be >= 0")
+  _check(config.data.placement in PLACEMENTS, "data.placement", config.data.placement, f"one of {PLACEMENTS}")
+  _check(config.data.device_budget_mb >= 0, "data.device_budget_mb", config.data.device_budget_mb, "must be >= 0")
+  _check(config.data.steps_per_dispatch >= 0, "data.steps_per_dispatch", config.data.steps_per_dispatch, "must be >= 0")
   _check(m.name in MODELS, "model.name", m.name, f"one of {sorted(MODELS)}")
   _check(m.norm in NORM_KINDS, "model.norm", m.norm, f"one of {NORM_KINDS}")
   _check(m.width_multiplier > 0, "model.width_multiplier", m.width_multiplier, "positive")
+  _check(m.compute_dtype in COMPUTE_DTYPES, "model.compute_dtype", m.compute_dtype, f"one of {COMPUTE_DTYPES}")
   _check(p.kind in PENALTIES, "penalty.kind", p.kind, f"one of {PENALTIES}")
   _check(p.kind not in PENALTY_NORM or PENALTY_NORM[p.kind] == m.norm, "penalty.kind", p.kind,
          f"acts on {PENALTY_NORM.get(p.kind)!r} norms but model.norm is {m.norm!r}")
@@ -208,7 +225,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          "choosing the best checkpoint needs a validation split (dataset.validation_examples > 0); the test "
          "split is never used to choose")
   _check(k.every_epochs >= 1, "checkpoint.every_epochs", k.every_epochs, "at least 1")
-  _check(config.log_every_steps >= 1, "log_every_steps", config.log_every_steps, "at least 1")
   _check(config.eval_every_epochs >= 1, "eval_every_epochs", config.eval_every_epochs, "at least 1")
   phases = tuple(config.phases)
   _check(bool(phases) and all(ph in PHASES for ph in phases) and list(phases) == sorted(phases, key=PHASES.index)
@@ -231,8 +247,8 @@ def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 
 
 def model_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The JSON model spec ({'name', 'num_classes', 'norm', 'overrides'}) that `models.model_from_spec`
-  builds; the input shape comes from the dataset (image_size, number of channels)."""
+  """The JSON model spec ({'name', 'num_classes', 'norm', 'compute_dtype', 'overrides'}) that
+  `models.model_from_spec` builds; the input shape comes from the dataset (image_size, number of channels)."""
   overrides: dict[str, Any] = {
       "width_multiplier": float(config.model.width_multiplier),
       "input_shape": [config.dataset.image_size, config.dataset.image_size, len(config.dataset.mean)],
@@ -240,7 +256,7 @@ def model_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if config.model.norm == "batch":
     overrides["batch_norm_scale_init"] = float(config.model.batch_norm_scale_init)
   return {"name": config.model.name, "num_classes": config.dataset.num_classes, "norm": config.model.norm,
-          "overrides": overrides}
+          "compute_dtype": config.model.compute_dtype, "overrides": overrides}
 
 
 #: The schedule the paper's strengths were tuned for: CIFAR (50,000 images), batch 64, 160 epochs,
@@ -295,5 +311,4 @@ def paper_config(dataset: str, model: str, method: str) -> ml_collections.Config
     c.optim.num_epochs = 90
     c.optim.decay_fractions = (1 / 3, 2 / 3)
     c.finetune.num_epochs = 90
-    c.log_every_steps = 100
   return c

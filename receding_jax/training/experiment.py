@@ -1,13 +1,7 @@
 """The experiment pipeline: train -> one-shot prune at each ratio -> fine-tune, with results on disk.
 
-Workdir layout (every phase resumes from its own checkpoints; a finished phase is not redone):
-  config.json, checkpoints/, metrics.jsonl, events.*     training (`train.train_and_evaluate`)
-  best_eval.json                                         with prune.source 'best': that checkpoint's accuracy
-  pruned_<ratio>/pruned/                                 the pruned network (step 0) + pruning_report.json
-  pruned_<ratio>/pruned_eval.json                        its accuracy before any fine-tuning
-  pruned_<ratio>/finetune/                               fine-tuning run (no penalty)
-  results.json, results.md                               per ratio: accuracies, params/FLOPs, wall times
-  plots/*.png                                            importances (final, per epoch), accuracy vs ratio
+The workdir's layout is `receding_jax.training.workdir`'s, which reads and writes every file of it (a
+local directory or gs://). Every phase resumes from its own checkpoints; a finished phase is not redone.
 results.json is written last and records the config: a rerun of the same config finds it and returns it
 without touching anything. Every decision "is this phase done?" is process 0's (`workdir_files.agree`), so
 the processes of a multi-host run never disagree; only process 0 writes or deletes.
@@ -17,21 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from typing import Any
 
-import jax
 import ml_collections
 
-from receding_jax.models import model_from_spec
-from receding_jax.prune_checkpoint import REPORT_NAME, prune_checkpoint
-from receding_jax.training import checkpointing, input_pipeline, plots, train, workdir_files
+from receding_jax.training import checkpointing, loop, plots, workdir_files
+from receding_jax.training import workdir as wd
 from receding_jax.training.config import validate_config
+from receding_jax.training.pruned_checkpoint import prune_checkpoint
 
 #: What results.json reports per network: validation (every choice is made on it) and test accuracy.
 ACCURACY_KEYS = ("validation_accuracy", "test_accuracy")
-RESULTS_NAME = "results.json"
 
 
 def finetune_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -45,27 +36,23 @@ def finetune_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 
 def evaluate_checkpoint(
-    config: ml_collections.ConfigDict, checkpoint_dir: str, step: int | None = None
+    config: ml_collections.ConfigDict, checkpoint_dir: wd.PathLike, step: int | None = None
 ) -> dict[str, float]:
   """Accuracy and loss on the validation (if carved) and test splits of checkpoint `step` (default: the
   newest) in `checkpoint_dir` (its own model spec)."""
   manager = checkpointing.make_manager(checkpoint_dir, create=False)
   state, spec = checkpointing.restore(manager, step)
   manager.close()
-  model = model_from_spec(spec)
-  trainer = train.make_trainer(config, model, steps_per_epoch=1)
-  shards = {role: input_pipeline.load_shard(config, role, jax.process_index(), jax.process_count())
-            for role in input_pipeline.evaluation_roles(config)}
-  return train.evaluate_splits(trainer, {k: state[k] for k in ("params", "batch_stats")}, config, shards)
+  return loop.evaluate_variables(config, spec, state)
 
 
-def _stored_or_computed(path: str, compute, matches=lambda v: True) -> dict[str, Any]:
+def _stored_or_computed(path: wd.PathLike, compute, matches=lambda v: True) -> dict[str, Any]:
   """The JSON at `path` if process 0 finds it there (and it `matches`), else `compute()` written there."""
-  stored = workdir_files.read_json(path)
+  stored = wd.read_json(path)
   if workdir_files.agree(stored is not None and matches(stored)):
-    return stored if stored is not None else workdir_files.read_json(path)
+    return stored if stored is not None else wd.read_json(path)
   value = compute()
-  workdir_files.write_json(path, value)
+  wd.write_json(path, value)
   return value
 
 
@@ -78,19 +65,18 @@ def trained_network(config: ml_collections.ConfigDict, workdir: str) -> dict[str
             "max_test_accuracy_over_epochs": plots.max_test_accuracy(epochs)}
   chosen = epochs[-1]
   if config.prune.source == "best":
-    manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"), create=False)
+    manager = checkpointing.make_manager(wd.checkpoint_dir(workdir), create=False)
     kept = set(manager.all_steps())
     manager.close()
     candidates = [e for e in epochs if e["step"] in kept and "validation_accuracy" in e]
     if not candidates:
-      raise FileNotFoundError(f"no kept checkpoint in {workdir}/checkpoints has a validation accuracy")
+      raise FileNotFoundError(f"no kept checkpoint in {wd.checkpoint_dir(workdir)} has a validation accuracy")
     chosen = max(candidates, key=lambda e: (e["validation_accuracy"], e["step"]))  # Ties: the later step.
   accuracies = {k: chosen[k] for k in ACCURACY_KEYS if k in chosen}
   if "test_accuracy" not in accuracies:  # Only the last epoch is evaluated on every split.
     accuracies = _stored_or_computed(
-        os.path.join(workdir, "best_eval.json"),
-        lambda: {"step": chosen["step"], **evaluate_checkpoint(config, os.path.join(workdir, "checkpoints"),
-                                                               chosen["step"])},
+        wd.best_eval_path(workdir),
+        lambda: {"step": chosen["step"], **evaluate_checkpoint(config, wd.checkpoint_dir(workdir), chosen["step"])},
         lambda v: v.get("step") == chosen["step"])
     accuracies = {k: accuracies[k] for k in ACCURACY_KEYS if k in accuracies}
   return {"source": config.prune.source, "step": chosen["step"], "epoch": chosen["epoch"], **accuracies, **common}
@@ -98,26 +84,23 @@ def trained_network(config: ml_collections.ConfigDict, workdir: str) -> dict[str
 
 def prune_phase(config: ml_collections.ConfigDict, workdir: str, ratio: float, step: int) -> dict[str, Any]:
   """One-shot pruning of the trained checkpoint `step` at `ratio` and its accuracy before fine-tuning."""
-  ratio_dir = os.path.join(workdir, f"pruned_{ratio:g}")
-  pruned_dir = os.path.join(ratio_dir, "pruned")
-  report_path = os.path.join(pruned_dir, REPORT_NAME)
-  eval_path = os.path.join(ratio_dir, "pruned_eval.json")
-  if workdir_files.agree(os.path.exists(eval_path) and os.path.exists(report_path)):
-    return workdir_files.read_json(eval_path)
+  pruned_dir, eval_path = wd.pruned_dir(workdir, ratio), wd.pruned_eval_path(workdir, ratio)
+  report = wd.read_report(pruned_dir)
+  if workdir_files.agree(report is not None and eval_path.exists()):
+    return wd.read_json(eval_path)
   start = time.perf_counter()
-  if workdir_files.agree(os.path.exists(report_path)):  # Pruned, not evaluated yet.
-    report = workdir_files.read_json(report_path)
+  if workdir_files.agree(report is not None):  # Pruned, not evaluated yet.
+    report = wd.read_report(pruned_dir)
   else:
-    if workdir_files.is_writer() and os.path.exists(pruned_dir):
-      shutil.rmtree(pruned_dir)  # Our own output of an interrupted attempt: the report is written last.
+    wd.remove_tree(pruned_dir)  # Our own output of an interrupted attempt: the report is written last.
     workdir_files.sync(f"cleared {pruned_dir}")
     report = prune_checkpoint(
-        os.path.join(workdir, "checkpoints"), pruned_dir, step=step, ratio=ratio, scope=config.prune.scope,
+        wd.checkpoint_dir(workdir), pruned_dir, step=step, ratio=ratio, scope=config.prune.scope,
         min_channels=config.prune.min_channels, channel_multiple=config.prune.channel_multiple,
     )
   result = {**evaluate_checkpoint(config, pruned_dir), "report": report,
             "prune_seconds": time.perf_counter() - start}
-  workdir_files.write_json(eval_path, result)
+  wd.write_json(eval_path, result)
   return result
 
 
@@ -126,12 +109,11 @@ def finetune_phase(
 ) -> dict[str, Any]:
   """Fine-tunes the pruned network of `ratio` (resuming if interrupted); returns its final metrics, with
   'finetune_seconds' (its epochs' wall times) and the paper's 'max_test_accuracy_over_epochs'."""
-  ratio_dir = os.path.join(workdir, f"pruned_{ratio:g}")
-  manager = checkpointing.make_manager(os.path.join(ratio_dir, "pruned"), create=False)
+  manager = checkpointing.make_manager(wd.pruned_dir(workdir, ratio), create=False)
   state, spec = checkpointing.restore(manager)
   manager.close()
-  finetune_dir = os.path.join(ratio_dir, "finetune")
-  summary = train.train_and_evaluate(
+  finetune_dir = os.fspath(wd.finetune_dir(workdir, ratio))
+  summary = loop.train_and_evaluate(
       finetune_config(config), finetune_dir, spec=spec,
       init_variables={k: state[k] for k in ("params", "batch_stats")},
       skip_damaged_checkpoints=skip_damaged_checkpoints,
@@ -143,7 +125,7 @@ def finetune_phase(
 
 def recorded_results(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
   """The results of a finished run of exactly `config` in `workdir`, or None."""
-  results = workdir_files.read_json(os.path.join(workdir, RESULTS_NAME))
+  results = wd.read_results(workdir)
   if results is None or results.get("config") != json.loads(config.to_json_best_effort()):
     return None
   return results
@@ -154,9 +136,9 @@ def run(
 ) -> dict[str, Any]:
   """Runs the phases of `config` in `workdir` and writes results.json and results.md; a finished run of the
   same config returns its recorded results at once and changes nothing. The workdir is locked meanwhile.
-  `skip_damaged_checkpoints`: see `train.resume`."""
+  `skip_damaged_checkpoints`: see `loop.resume`."""
   validate_config(config)
-  workdir = os.path.abspath(workdir)
+  workdir = os.fspath(wd.path(workdir))
   recorded = recorded_results(config, workdir)
   if workdir_files.agree(recorded is not None):
     print(f"{workdir} holds a finished run of this config; its recorded results:", flush=True)
@@ -171,7 +153,7 @@ def run(
 def _run_phases(config: ml_collections.ConfigDict, workdir: str, skip_damaged: bool) -> dict[str, Any]:
   phases = tuple(config.phases)
   if "train" in phases:
-    train.train_and_evaluate(config, workdir, skip_damaged_checkpoints=skip_damaged)
+    loop.train_and_evaluate(config, workdir, skip_damaged_checkpoints=skip_damaged)
   trained = trained_network(config, workdir)
   results: dict[str, Any] = {"trained": trained, "ratios": {}}
   for ratio in config.prune.ratios:
@@ -182,22 +164,21 @@ def _run_phases(config: ml_collections.ConfigDict, workdir: str, skip_damaged: b
       entry["finetuned"] = finetune_phase(config, workdir, ratio, skip_damaged)
     results["ratios"][f"{ratio:g}"] = entry
   results["config"] = json.loads(config.to_json_best_effort())
-  workdir_files.write_text(os.path.join(workdir, "results.md"), results_table(results) + "\n")
-  if workdir_files.is_writer():
+  if wd.is_writer():
     _plot(workdir, phases, results)
-  workdir_files.write_json(os.path.join(workdir, RESULTS_NAME), results)  # Last: marks the run finished.
+  wd.write_results(workdir, results, results_table(results))  # results.json last: marks the run finished.
   workdir_files.sync(f"results {workdir}")
-  return workdir_files.read_json(os.path.join(workdir, RESULTS_NAME))  # Process 0's, on every process.
+  return wd.read_results(workdir)  # Process 0's, on every process.
 
 
 def _plot(workdir: str, phases: tuple[str, ...], results: dict[str, Any]) -> None:
   """PNG figures in workdir/plots: final importance distribution, histograms per epoch, and accuracy
   vs pruning ratio when pruning ran."""
-  out = os.path.join(workdir, "plots")
-  plots.importance_distribution({"final": [workdir]}, os.path.join(out, "importances.png"))
-  plots.importance_over_epochs(workdir, os.path.join(out, "importances_per_epoch.png"))
+  out = wd.plots_dir(workdir)
+  plots.importance_distribution({"final": [workdir]}, out / "importances.png")
+  plots.importance_over_epochs(workdir, out / "importances_per_epoch.png")
   if "prune" in phases:
-    plots.accuracy_vs_ratio({os.path.basename(workdir): [workdir]}, os.path.join(out, "accuracy_vs_ratio.png"),
+    plots.accuracy_vs_ratio({wd.path(workdir).name: [workdir]}, out / "accuracy_vs_ratio.png",
                             read=lambda _: results)
 
 

@@ -1,35 +1,41 @@
 """Figures of one or several experiment workdirs (PNG, matplotlib's Agg backend, no display needed).
 
-They read only what the loop writes: ``metrics.jsonl`` (a 100-bin histogram of all importances on [0, 1]
-per epoch) and ``results.json`` (accuracies per pruning ratio). Functions that compare runs take
+They read only what the loop writes, through `workdir`: ``metrics.jsonl`` (a 100-bin histogram of all
+importances on [0, 1] per epoch) and ``results.json`` (accuracies per pruning ratio); they write through it
+too (atomically, process 0, local or ``gs://``). Functions that compare runs take
 ``{label: [workdir, ...]}``: the workdirs of one label are seeds of one config, drawn as their mean (and
 standard deviation as error bars).
 """
 
 from __future__ import annotations
 
-import json
-import os
+import io
 from collections.abc import Callable, Mapping, Sequence
 
 import matplotlib
 import numpy as np
 
+from receding_jax.training import workdir as wd
+
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt
 
 
-def read_epochs(workdir: str) -> list[dict]:
-  """The per-epoch lines of ``metrics.jsonl``, the last line of each epoch winning."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: {workdir} holds no training run")
-  with open(path) as f:
-    by_epoch = {line["epoch"]: line for line in map(json.loads, f.read().splitlines())}
+def last_per_epoch(records: Sequence[Mapping]) -> list[dict]:
+  """One record per epoch, in epoch order, the last of each epoch winning (a resumed epoch is logged again)."""
+  by_epoch = {r["epoch"]: dict(r) for r in records}
   return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def importance_distribution(groups: Mapping[str, Sequence[str]], path: str) -> None:
+def read_epochs(workdir: wd.PathLike) -> list[dict]:
+  """The per-epoch lines of ``metrics.jsonl`` (`last_per_epoch`); FileNotFoundError when there are none."""
+  epochs = last_per_epoch(wd.read_metrics(workdir))
+  if not epochs:
+    raise FileNotFoundError(f"{wd.metrics_path(workdir)} does not exist: {workdir} holds no training run")
+  return epochs
+
+
+def importance_distribution(groups: Mapping[str, Sequence[str]], path: wd.PathLike) -> None:
   """Overlaid histograms of the final importances of each label (seeds pooled; bimodality shows as two
   modes)."""
   fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -43,7 +49,7 @@ def importance_distribution(groups: Mapping[str, Sequence[str]], path: str) -> N
   _save(fig, path)
 
 
-def importance_over_epochs(workdir: str, path: str) -> None:
+def importance_over_epochs(workdir: wd.PathLike, path: wd.PathLike) -> None:
   """Importance histograms of every epoch as a heat map (epochs down, importance across)."""
   epochs = read_epochs(workdir)
   counts = np.asarray([e["importance_histogram"] for e in epochs], float)
@@ -56,13 +62,13 @@ def importance_over_epochs(workdir: str, path: str) -> None:
 
 
 def accuracy_vs_ratio(
-    groups: Mapping[str, Sequence[str]], path: str, metric: str = "test_accuracy",
+    groups: Mapping[str, Sequence[str]], path: wd.PathLike, metric: str = "test_accuracy",
     read: Callable[[str], dict] | None = None,
 ) -> None:
   """`metric` right after one-shot pruning (dashed) and after fine-tuning (solid) per ratio; mean over the
   seeds of a label, their standard deviation as error bars. `read` gives a workdir's results (default: its
   results.json)."""
-  read = read or read_results
+  read = read or (lambda w: wd.read_results(w, required=True))
   fig, ax = plt.subplots(figsize=(6, 3.5))
   for i, (label, workdirs) in enumerate(groups.items()):
     runs = [read(w) for w in workdirs]
@@ -87,21 +93,13 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
   return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def read_results(workdir: str) -> dict:
-  path = os.path.join(workdir, "results.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: run the prune phase in {workdir} first")
-  with open(path) as f:
-    return json.load(f)
-
-
-def _save(fig, path: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def _save(fig, path: wd.PathLike) -> None:
+  """The figure as PNG at `path` (local or gs://), written atomically by process 0."""
   fig.tight_layout()
-  tmp = f"{path}.tmp{os.getpid()}"  # Atomic: a kill never leaves half a figure.
-  fig.savefig(tmp, dpi=120, format="png")
-  os.replace(tmp, path)
+  png = io.BytesIO()
+  fig.savefig(png, dpi=120, format="png")
   plt.close(fig)
+  wd.write_bytes(path, png.getvalue())
 
 
 def max_test_accuracy(epochs: Sequence[Mapping]) -> float | None:

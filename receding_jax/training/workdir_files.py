@@ -1,13 +1,17 @@
-"""A run's workdir apart from its checkpoints: the lock, config.json, and the JSON/text files it reports in.
+"""Who may use a workdir, and how the processes of a run agree on it: the lock, `agree`, `sync`, `check_config`.
 
-The one owner of these files. Every write is atomic (a temporary file renamed over the target, so a kill
-never leaves half a file) and happens on process 0 only; the other processes of a multi-host run learn
-what process 0 decided through `agree`.
+Files are named, read and written by `receding_jax.training.workdir`; this module decides when. Only process
+0 writes; the other processes of a multi-host run learn what process 0 decided through `agree`.
 
-The lock (``WORKDIR/lock``) keeps two runs out of one workdir: the holder keeps an exclusive `flock` on
-it and writes its process id and host into it. The kernel drops a `flock` when its holder dies, so a
-lock left by a killed run never blocks the restart. On a filesystem without `flock` (some network and
-FUSE mounts) the lock falls back to its contents: a holder on this host that is no longer alive is stale.
+The lock (``WORKDIR/lock``) keeps two runs out of one workdir. Process 0 takes it and writes its process id,
+host and boot id into it:
+- On a local (or mounted) filesystem the holder also keeps an exclusive `flock` on it. The kernel drops a
+  `flock` when its holder dies, so a lock left by a killed run never blocks the restart.
+- On a URI workdir (``gs://``, no `flock` there), and on a filesystem without `flock` (some network and
+  FUSE mounts), the contents decide: a holder on this host that is no longer alive, or that ran before the
+  last reboot, is stale and taken over; a holder on another host cannot be checked, so the run stops and
+  names the file to delete. Taking such a lock is check-then-write, not atomic: two runs started on one
+  ``gs://`` workdir within the same second may both get in (the one that wrote last keeps the file).
 """
 
 from __future__ import annotations
@@ -17,29 +21,26 @@ import errno
 import fcntl
 import json
 import os
+import pathlib
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
+from receding_jax.training import workdir as wd
 from receding_jax.training.config import differing_keys
+from receding_jax.training.workdir import PathLike, is_writer, write_text  # train.py still calls these here.
 
-LOCK_NAME = "lock"
-CONFIG_NAME = "config.json"
 _held: dict[str, int] = {}  # Workdirs this process holds -> nesting depth (a run holds its own workdir once).
 
 
 class WorkdirLockedError(RuntimeError):
   """Another live run holds the workdir."""
-
-
-def is_writer() -> bool:
-  """True on the process that writes reports and deletes files (process 0)."""
-  return jax.process_index() == 0
 
 
 def agree(value: int) -> int:
@@ -59,53 +60,35 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def read_json(path: str) -> Any:
-  """The JSON value at `path`, or None when there is no such file."""
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def write_text(path: str, text: str) -> None:
-  """Atomically writes `text` to `path` on process 0 (a no-op elsewhere)."""
-  if not is_writer():
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def write_json(path: str, value: Any) -> None:
-  """Atomically writes `value` as indented JSON on process 0."""
-  write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
-
-
-def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Records the config in ``workdir/config.json``, or refuses a workdir that holds another config's run."""
-  path = os.path.join(workdir, CONFIG_NAME)
+def check_config(workdir: PathLike, config: ml_collections.ConfigDict) -> None:
+  """Records the config in ``config.json``, or refuses a workdir that holds another config's run."""
   current = json.loads(config.to_json_best_effort())
-  saved = read_json(path)
+  saved = wd.read_config(workdir)
   if saved is not None and saved != current:
     raise ValueError(f"workdir {workdir} holds a run of another config (differs in "
                      f"{differing_keys(saved, current)}); use a new workdir")
   if saved is None:
-    write_json(path, current)
+    wd.write_config(workdir, current)
 
 
-def same_config(workdir: str, config: ml_collections.ConfigDict) -> bool:
-  """True when ``workdir/config.json`` records exactly `config`."""
-  return read_json(os.path.join(workdir, CONFIG_NAME)) == json.loads(config.to_json_best_effort())
-
-
-def _holder(path: str) -> dict[str, Any]:
+def _boot_id() -> str:
+  """This machine's boot id (Linux), '' where unknown: a pid from another boot means nothing."""
   try:
-    with open(path) as f:
-      return json.loads(f.read() or "{}")
+    return pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+  except OSError:
+    return ""
+
+
+def _owner() -> dict[str, Any]:
+  return {"pid": os.getpid(), "host": socket.gethostname(), "boot": _boot_id(), "since": time.time()}
+
+
+def _holder(lock: PathLike) -> dict[str, Any]:
+  try:
+    holder = wd.read_json(lock)
   except (OSError, ValueError):
     return {}
+  return holder if isinstance(holder, dict) else {}
 
 
 def _describe(holder: dict[str, Any]) -> str:
@@ -123,79 +106,104 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
-def _stale_without_flock(path: str) -> bool:
+def _stale_without_flock(lock: PathLike) -> bool:
   """Without `flock`: is the holder written in the lock file gone (or none)? Only decidable on its host."""
-  holder = _holder(path)
+  holder = _holder(lock)
   if not holder:
     return True
   if holder.get("host") != socket.gethostname():
-    raise WorkdirLockedError(f"{os.path.dirname(path)} is locked by {_describe(holder)}; this filesystem has no "
-                             f"flock, so a holder on another host cannot be checked: if no run uses it, delete {path}")
+    raise WorkdirLockedError(f"{wd.path(lock).parent} is locked by {_describe(holder)}; this filesystem has no "
+                             f"flock, so a holder on another host cannot be checked: if no run uses it, delete {lock}")
+  if holder.get("boot") and holder["boot"] != _boot_id():
+    return True
   return not _pid_alive(int(holder.get("pid", -1)))
 
 
-def _acquire(workdir: str) -> int:
-  """An open descriptor holding the flock on ``workdir/lock``; WorkdirLockedError if a live run holds it."""
-  path = os.path.join(workdir, LOCK_NAME)
+def _flock(workdir: epath.Path) -> Callable[[], None]:
+  """Holds the flock on the local ``workdir/lock`` (see the module doc); returns the release."""
+  lock = wd.lock_path(workdir)
+  name = os.fspath(lock)
   while True:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       os.close(fd)
-      raise WorkdirLockedError(f"workdir {workdir} is in use by {_describe(_holder(path))}; wait until it "
+      raise WorkdirLockedError(f"workdir {workdir} is in use by {_describe(_holder(lock))}; wait until it "
                                "ends or use another workdir") from None
     except OSError as e:
       try:
-        stale = e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS) and _stale_without_flock(path)
+        stale = e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS) and _stale_without_flock(lock)
       except WorkdirLockedError:
         os.close(fd)
         raise
       if not stale:
         os.close(fd)
-        raise WorkdirLockedError(f"workdir {workdir} is in use by {_describe(_holder(path))}") from None
-    try:  # The file we locked must still be the one at `path` (a releasing holder unlinks it).
-      same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        raise WorkdirLockedError(f"workdir {workdir} is in use by {_describe(_holder(lock))}") from None
+    try:  # The file we locked must still be the one at `lock` (a releasing holder unlinks it).
+      same = os.fstat(fd).st_ino == os.stat(name).st_ino
     except FileNotFoundError:
       same = False
     if same:
       break
     os.close(fd)
   os.ftruncate(fd, 0)
-  os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
+  os.write(fd, json.dumps(_owner()).encode())
   os.fsync(fd)
-  return fd
+
+  def release() -> None:
+    lock.unlink(missing_ok=True)
+    os.close(fd)
+
+  return release
+
+
+def _lock_by_contents(workdir: epath.Path) -> Callable[[], None]:
+  """Holds ``workdir/lock`` of a URI workdir by its contents alone (see the module doc); returns the release."""
+  lock = wd.lock_path(workdir)
+  if lock.exists() and not _stale_without_flock(lock):
+    raise WorkdirLockedError(f"workdir {workdir} is in use by {_describe(_holder(lock))}; wait until it "
+                             "ends or use another workdir")
+  owner = _owner()
+  write_text(lock, json.dumps(owner))
+  if _holder(lock) != owner:  # Another run wrote it meanwhile: it keeps the workdir.
+    raise WorkdirLockedError(f"workdir {workdir} was just taken by {_describe(_holder(lock))}")
+
+  def release() -> None:
+    if _holder(lock) == owner:
+      lock.unlink(missing_ok=True)
+
+  return release
 
 
 @contextlib.contextmanager
-def hold(workdir: str) -> Iterator[None]:
+def hold(workdir: PathLike) -> Iterator[None]:
   """Holds `workdir` (created if needed) for the duration; nested holds by the same process are free.
 
   Process 0 takes the lock; every process raises WorkdirLockedError if it could not.
   """
-  workdir = os.path.abspath(workdir)
-  if workdir in _held:
-    _held[workdir] += 1
+  root = wd.path(workdir)
+  key = os.fspath(root)
+  if key in _held:
+    _held[key] += 1
     try:
       yield
     finally:
-      _held[workdir] -= 1
+      _held[key] -= 1
     return
-  fd, error = None, None
+  release, error = None, None
   if is_writer():
-    os.makedirs(workdir, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
     try:
-      fd = _acquire(workdir)
+      release = _flock(root) if wd.is_local(root) else _lock_by_contents(root)
     except WorkdirLockedError as e:
       error = e
   if not agree(error is None):
-    raise error or WorkdirLockedError(f"process 0 could not lock workdir {workdir} (see its output)")
-  _held[workdir] = 1
+    raise error or WorkdirLockedError(f"process 0 could not lock workdir {root} (see its output)")
+  _held[key] = 1
   try:
     yield
   finally:
-    del _held[workdir]
-    if fd is not None:
-      with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(workdir, LOCK_NAME))
-      os.close(fd)
+    del _held[key]
+    if release is not None:
+      release()

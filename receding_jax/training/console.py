@@ -1,0 +1,50 @@
+"""What a run prints: its plan, a progress bar per epoch (interactive terminals only), one line per epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+
+
+def format_seconds(seconds: float) -> str:
+  """'1h02m03s' or '2m03s'."""
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def run_line(config: ml_collections.ConfigDict, spec: Mapping[str, Any], trainer, steps_per_epoch: int,
+             placement: str) -> str:
+  """The plan: model, penalty (effective strength), schedule, batch, devices, processes, data placement."""
+  relative = f" (given {config.penalty.strength:g} relative to the paper's schedule)" \
+      if config.penalty.relative_to_paper else ""
+  dtype = spec.get("compute_dtype", "float32")
+  return (f"{spec['name']} ({spec['norm']} norm, {dtype}), penalty {config.penalty.kind} strength "
+          f"{trainer.penalty_strength:.4g}{relative}, {steps_per_epoch} steps/epoch x {config.optim.num_epochs} "
+          f"epochs, batch {config.optim.batch_size} on {jax.device_count()} {jax.devices()[0].platform} "
+          f"device(s), {jax.process_count()} process(es), data {placement}")
+
+
+def progress(steps: int, epoch: int, epochs: int):
+  """A tqdm bar for one epoch, shown on process 0's interactive terminal only."""
+  from tqdm import tqdm
+
+  return tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", disable=None if jax.process_index() == 0 else True,
+              leave=False, dynamic_ncols=True)
+
+
+def epoch_line(summary: Mapping[str, Any], num_epochs: int, elapsed: float, epochs_done: int) -> str:
+  """One epoch's line: losses, accuracies, penalty, learning rate, importances, its time and the ETA."""
+  parts = [f"epoch {summary['epoch']}/{num_epochs}", f"loss {summary['train_loss']:.4f}",
+           f"train acc {summary['train_accuracy']:.4f}"]
+  for split, short in (("validation", "val"), ("test", "test")):
+    if f"{split}_accuracy" in summary:
+      parts.append(f"{short} acc {summary[f'{split}_accuracy']:.4f}")
+  parts += [f"penalty {summary['train_penalty']:.3g}", f"lr {summary['learning_rate']:.3g}",
+            f"importances <0.05 {summary['importance_fraction_below_0.05']:.1%}",
+            f">0.5 {summary['importance_fraction_above_0.5']:.1%}"]
+  eta = elapsed / max(epochs_done, 1) * (num_epochs - summary["epoch"])
+  return "  ".join(parts) + f"  ({summary['epoch_seconds']:.1f} s, ETA {format_seconds(eta)})"

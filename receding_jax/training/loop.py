@@ -1,0 +1,224 @@
+"""The training loop: epochs of chunked steps (`steps`) over the run's data (`data`), evaluation, checkpoints,
+metrics (`metric_writer`, the workdir's files) and resumption."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from receding_jax.importances import importance_summary, neuron_importances
+from receding_jax.models import model_from_spec
+from receding_jax.training import checkpointing, console, data, metric_writer, splits, workdir, workdir_files
+from receding_jax.training.config import model_spec, validate_config
+from receding_jax.training.optimizer import learning_rate_schedule
+from receding_jax.training.steps import State, Trainer, make_mesh, make_trainer
+
+
+def evaluate(trainer: Trainer, state: State, feed: data.Feed, split: str) -> dict[str, float]:
+  """Accuracy and mean loss over every real example of `feed`, named after `split` ('validation',
+  'test'): {split_loss, split_accuracy, split_count}."""
+  sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+  for chunk in feed.chunks():
+    out = jax.device_get(trainer.evaluate(state, chunk))
+    sums = {k: sums[k] + float(out[k]) for k in sums}
+  count = max(sums["count"], 1.0)
+  return {f"{split}_loss": sums["loss"] / count, f"{split}_accuracy": sums["correct"] / count,
+          f"{split}_count": sums["count"]}
+
+
+def evaluate_feeds(trainer: Trainer, state: State, feeds: Mapping[str, data.Feed]) -> dict[str, float]:
+  """`evaluate` on each of `feeds` ({split role: feed})."""
+  out: dict[str, float] = {}
+  for role, feed in feeds.items():
+    out.update(evaluate(trainer, state, feed, role))
+  return out
+
+
+def evaluate_variables(config: ml_collections.ConfigDict, spec: Mapping[str, Any],
+                       variables: Mapping[str, Any]) -> dict[str, float]:
+  """{'params', 'batch_stats'} of the model of `spec` evaluated on the validation (if carved) and test
+  splits of `config`."""
+  roles = splits.evaluation_roles(config)
+  shards = data.load_splits(config, roles)
+  placement = data.choose_placement(config, shards)
+  mesh = make_mesh()
+  feeds = {r: data.eval_feed(config, shards[r], mesh, placement, r) for r in roles}
+  trainer = make_trainer(config, model_from_spec(spec), 1, mesh, prepare_eval=feeds[roles[0]].prepare)
+  state = jax.device_put({k: variables[k] for k in ("params", "batch_stats")}, NamedSharding(mesh, P()))
+  return evaluate_feeds(trainer, state, feeds)
+
+
+def _check_batch(config: ml_collections.ConfigDict) -> None:
+  b = config.optim.batch_size
+  for what, n in (("processes", jax.process_count()), ("devices", jax.device_count())):
+    if b % n:
+      raise ValueError(f"config.optim.batch_size = {b} must divide evenly over the {n} {what}")
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir_path: str,
+    *,
+    spec: Mapping[str, Any] | None = None,
+    init_variables: Mapping[str, Any] | None = None,
+    skip_damaged_checkpoints: bool = False,
+) -> dict[str, Any]:
+  """Trains `config` in `workdir_path`, resuming from its newest checkpoint; returns the final metrics.
+
+  Writes ``config.json``, ``checkpoints/`` (last k and best k epochs), TensorBoard events and
+  ``metrics.jsonl`` (one line per epoch). A non-finite loss stops the run with FloatingPointError before
+  anything is saved, so the last good checkpoint stays the newest. `spec` (a model spec, default the
+  config's) and `init_variables` ({'params', 'batch_stats'} to start from, e.g. a pruned network's)
+  serve fine-tuning; a resumed run takes its state from its own checkpoint. A damaged newest checkpoint
+  stops the run (DamagedCheckpointError) unless `skip_damaged_checkpoints`, which resumes from the newest
+  readable one (see `resume`). The workdir is locked against other runs for the duration.
+  """
+  validate_config(config)
+  _check_batch(config)
+  workdir_path = str(workdir.path(workdir_path))
+  with workdir_files.hold(workdir_path):
+    workdir_files.check_config(workdir_path, config)
+    summary = _train_and_evaluate(config, workdir_path, spec, init_variables, skip_damaged_checkpoints)
+    workdir_files.sync(f"trained {workdir_path}")  # Every process may now read what process 0 wrote.
+    return summary
+
+
+def resume(make_manager: Callable[[], Any], state: State, skip_damaged: bool) -> tuple[State, Any]:
+  """(state restored from the newest readable checkpoint, or `state` if there is none; its manager).
+
+  A damaged newest step raises DamagedCheckpointError and changes nothing, unless `skip_damaged`: then it
+  is moved aside (`checkpointing.set_aside`) and the next older step is tried, saying so.
+  """
+  manager = make_manager()
+  while (step := manager.latest_step()) is not None:
+    try:
+      return checkpointing.restore(manager, target=state)[0], manager
+    except checkpointing.DamagedCheckpointError as e:
+      if not skip_damaged:
+        older = [s for s in manager.all_steps() if s < step]
+        raise checkpointing.DamagedCheckpointError(
+            f"{e}; nothing was changed (older steps {older} are kept); to resume from the newest readable "
+            "step, rerun with --skip_damaged_checkpoints") from None
+      moved = checkpointing.set_aside(manager, step)
+      print(f"skipping damaged checkpoint step {step} (moved to {moved}): {e}", flush=True)
+      manager.close()
+      manager = make_manager()
+  return state, manager
+
+
+def _start_state(trainer: Trainer, manager_factory, init_variables, skip_damaged) -> tuple[State, Any]:
+  state, manager = resume(manager_factory, trainer.init(), skip_damaged)
+  if manager.latest_step() is None and init_variables is not None:
+    replicated = NamedSharding(trainer.mesh, P())
+    start = {k: jax.device_put(init_variables[k], replicated) for k in ("params", "batch_stats")}
+    if jax.tree.structure(start["params"]) != jax.tree.structure(state["params"]):
+      raise ValueError("init_variables do not fit the model of `spec`")
+    state = {**state, **start}
+  return state, manager
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir_path: str, spec: Mapping[str, Any] | None,
+    init_variables: Mapping[str, Any] | None, skip_damaged: bool,
+) -> dict[str, Any]:
+  spec = dict(spec or model_spec(config))
+  roles = splits.evaluation_roles(config)
+  shards = data.load_splits(config, ("train", *roles))
+  placement = data.choose_placement(config, shards)
+  mesh = make_mesh()
+  train_feed = data.train_feed(config, shards["train"], mesh, placement)
+  eval_feeds = {r: data.eval_feed(config, shards[r], mesh, placement, r) for r in roles}
+  # Validation if carved, else test, every epoch; all at the end (test every epoch too if asked, for the
+  # paper's convention: the best test accuracy over epochs).
+  every_epoch = {r: eval_feeds[r] for r in roles if r == roles[0] or config.eval_test_every_epoch}
+  steps_per_epoch = train_feed.steps
+  trainer = make_trainer(config, model_from_spec(spec), steps_per_epoch, mesh, prepare=train_feed.prepare,
+                         prepare_eval=eval_feeds[roles[0]].prepare)
+  manager_factory = lambda: checkpointing.make_manager(
+      workdir.checkpoint_dir(workdir_path), keep_last=config.checkpoint.keep_last,
+      keep_best=config.checkpoint.keep_best, best_metric="validation_accuracy")
+  state, manager = _start_state(trainer, manager_factory, init_variables, skip_damaged)
+  start_step = int(state["step"])
+  start_epoch, skip_steps = divmod(start_step, steps_per_epoch)
+  if start_step:
+    print(f"resuming from step {start_step} (epoch {start_epoch}) in {workdir_path}", flush=True)
+  if start_epoch >= config.optim.num_epochs:
+    print(f"the run in {workdir_path} is already finished", flush=True)
+    manager.close()
+    return workdir.last_metrics(workdir_path)
+  print(console.run_line(config, spec, trainer, steps_per_epoch, placement), flush=True)
+  writer = metric_writer.open_writer(workdir_path, active=jax.process_index() == 0)
+  schedule = learning_rate_schedule(config, steps_per_epoch)
+  summary: dict[str, Any] = {}
+  run_start = time.perf_counter()
+  for epoch in range(start_epoch, config.optim.num_epochs):
+    epoch_start = time.perf_counter()
+    state, train_metrics = _train_epoch(trainer, state, train_feed, epoch, config.optim.num_epochs,
+                                         skip_steps, manager)
+    skip_steps = 0
+    step = int(state["step"])
+    summary = {"epoch": epoch + 1, "step": step, **train_metrics, "learning_rate": float(schedule(step - 1))}
+    last = epoch + 1 == config.optim.num_epochs
+    if last or (epoch + 1) % config.eval_every_epochs == 0:
+      summary.update(evaluate_feeds(trainer, state, eval_feeds if last else every_epoch))
+    importances = neuron_importances(jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"]}))
+    summary.update({f"importance_{k}": v for k, v in importance_summary(importances).items()})
+    summary["epoch_seconds"] = time.perf_counter() - epoch_start
+    if (epoch + 1) % config.checkpoint.every_epochs == 0 or last:
+      checkpointing.save(manager, step, state, spec,
+                         metrics={"validation_accuracy": summary.get("validation_accuracy", 0.0)})
+    _record_epoch(writer, workdir_path, summary, importances)
+    print(console.epoch_line(summary, config.optim.num_epochs, time.perf_counter() - run_start,
+                             epoch + 1 - start_epoch), flush=True)
+  writer.close()
+  manager.close()
+  return summary
+
+
+def _train_epoch(trainer: Trainer, state: State, feed: data.Feed, epoch: int, num_epochs: int, skip: int,
+                 manager) -> tuple[State, dict[str, float]]:
+  """Trains the chunks of one epoch; returns the state and the epoch's mean train metrics. Each chunk's
+  metrics are fetched once, after it ran; a non-finite loss stops the run (`_check_finite`)."""
+  bar = console.progress(feed.steps, epoch, num_epochs)
+  bar.update(skip)
+  fetched: list[dict[str, np.ndarray]] = []
+  for chunk in feed.chunks(epoch, skip):
+    state, metrics = trainer.train(state, chunk)
+    metrics = jax.device_get(metrics)
+    _check_finite(metrics["loss"], int(state["step"]), manager)
+    fetched.append(metrics)
+    bar.update(len(metrics["loss"]))
+    bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.3f}")
+  bar.close()
+  stacked = {k: np.concatenate([m[k] for m in fetched]) for k in fetched[0]}
+  return state, {f"train_{k}": float(np.mean(v)) for k, v in stacked.items()}
+
+
+def _check_finite(losses: np.ndarray, step: int, manager) -> None:
+  """FloatingPointError naming the first step whose loss is NaN/Inf and the checkpoint that is kept;
+  `step` is the step count after the last of `losses`."""
+  bad = np.flatnonzero(~np.isfinite(losses))
+  if bad.size:
+    first = step - len(losses) + int(bad[0]) + 1
+    raise FloatingPointError(
+        f"the training loss is {losses[bad[0]]} at step {first}; stopping. The last good checkpoint "
+        f"(step {manager.latest_step()}) in {manager.directory} is kept."
+    )
+
+
+def _record_epoch(writer, workdir_path: str, summary: Mapping[str, Any], importances: Mapping[str, Any]) -> None:
+  """Scalars and importance histograms to TensorBoard; one JSON line (with a 100-bin histogram of all
+  importances on [0, 1], larger |gamma| counted in the last bin) to metrics.jsonl."""
+  step = summary["step"]
+  writer.write_scalars(step, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
+  values = np.concatenate([np.ravel(v) for v in importances.values()]) if importances else np.zeros(0)
+  writer.write_histograms(step, {"importances/all": values})
+  counts, _ = np.histogram(np.clip(values, 0.0, 1.0), bins=100, range=(0.0, 1.0))
+  workdir.append_metrics(workdir_path, {**summary, "importance_histogram": counts.tolist()})
