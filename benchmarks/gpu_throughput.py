@@ -114,11 +114,10 @@ def known_config_keys() -> set[str]:
 
 def jax_command(case: dict, args: argparse.Namespace, workdir: pathlib.Path, known: set[str]) -> tuple[list, str]:
   """The `receding_jax.main` command line of one case, and a note on the keys this loop lacks."""
-  overrides = {"model.name": case["model"], "dataset.folder": args.folder, "dataset.validation_examples": 0,
-               "checkpoint.keep_best": 0,
-               "model.width_multiplier": args.width, "optim.batch_size": case["batch"],
-               "optim.num_epochs": args.epochs, "phases": "('train',)", "eval_every_epochs": 10_000,
-               "checkpoint.every_epochs": 10_000, "model.compute_dtype": case["dtype"]}
+  overrides = {"model.name": case["model"], "model.width_multiplier": args.width, "model.compute_dtype": case["dtype"],
+               "dataset.folder": args.folder, "dataset.validation_examples": 0, "checkpoint.keep_best": 0,
+               "optim.batch_size": case["batch"], "optim.num_epochs": args.epochs, "phases": "('train',)",
+               "eval_every_epochs": 10_000, "checkpoint.every_epochs": 10_000}
   if args.placement:
     overrides["data.placement"] = args.placement
   missing = [k for k in overrides if k not in known]
@@ -148,11 +147,19 @@ def jax_case(case: dict, args: argparse.Namespace, work: pathlib.Path, known: se
   cmd, note = jax_command(case, args, workdir, known)
   wall = run_logged(cmd, work / f"{name}.log")
   rate = steady_rate(read_epochs(workdir), case["batch"])
-  row = {**case, "impl": "jax", "width": args.width, "placement": args.placement or "default", **rate,
+  row = {**case, "impl": "jax", "width": args.width, "placement": placement(workdir), **rate,
          "wall_s": wall, "overhead_s": wall - rate["steady_epoch_s"] * args.epochs,
          "compile_s": max(0.0, rate["first_epoch_s"] - rate["steady_epoch_s"])}
   row["note"] = "; ".join(x for x in (rate["note"], note) if x)
   return row
+
+
+def placement(workdir: pathlib.Path) -> str:
+  """The run's data.placement as its config.json records it ('default' for a loop without the key)."""
+  try:
+    return str(json.loads((workdir / "config.json").read_text())["data"]["placement"])
+  except (OSError, KeyError, TypeError, ValueError):
+    return "default"
 
 
 def torch_case(case: dict, args: argparse.Namespace, work: pathlib.Path) -> dict:
@@ -246,7 +253,7 @@ def markdown(report: dict) -> str:
   lines = [f"Device: {d['kind']} ({d['platform']}), jax {d['jax']}, torch {d.get('torch')}, host {d['cpu']} "
            f"x {d['cpu_count']}. Training FLOPs per image = 3 x forward (2 x MACs of receding_jax.count_flops); "
            "MFU against the dense BF16 peak (bfloat16 rows) or TF32 peak (float32 rows; FP32 peak in brackets).",
-           *report.get("notes", []), "",
+           "", *(f"{note}\n" for note in report.get("notes", [])),
            "| impl | model | batch | dtype | width | data | images/s | step ms | train GFLOP/img | TFLOP/s | MFU "
            "| first epoch s | run s | note |", "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
   for r in report["rows"]:

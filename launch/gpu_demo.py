@@ -144,6 +144,8 @@ def extract_subset(tarball: pathlib.Path, folder: pathlib.Path, per_class: tuple
   marker = folder / ".complete"
   if marker.exists() and marker.read_text().strip() == f"{tarball} {per_class}":
     return
+  if folder.exists() and any(folder.iterdir()) and not marker.exists():
+    raise DemoError(f"{folder} exists and was not made by this command; give another --data-dir or --work-dir")
   listing = subprocess.run(["tar", "-tzf", str(tarball)], capture_output=True, text=True, check=True).stdout
   groups: dict[tuple[str, str], list[str]] = {}
   for name in listing.splitlines():
@@ -391,6 +393,16 @@ def write_results(out: pathlib.Path, mode: Mode, plan: dict, workdirs: dict[str,
   return report
 
 
+def method_times_row(method: str, summary: dict) -> str:
+  """'| rni | train s | prune s | fine-tune s | process s |': the phases' recorded times (epochs' and pruning
+  wall times, over every attempt) and the wall time of this call's process (empty if it ran earlier)."""
+  stages = summary["ratios"].values()
+  prune = sum(r["pruned"].get("prune_seconds", 0.0) for r in stages)
+  tune = sum(r["finetuned"].get("finetune_seconds", 0.0) for r in stages)
+  wall = f"{summary['wall_s']:.0f}" if summary["wall_s"] else ""
+  return f"| {method} | {summary['trained'].get('train_seconds', 0.0):.0f} | {prune:.0f} | {tune:.0f} | {wall} |"
+
+
 def results_markdown(report: dict, comparison: str, out: pathlib.Path) -> str:
   plan, d = report["schedule"], (report["throughput"] or {}).get("device", {})
   lines = [f"# {report['model']} on CIFAR-10: rni vs l1 vs ucs ({report['mode']} mode)", "",
@@ -399,10 +411,9 @@ def results_markdown(report: dict, comparison: str, out: pathlib.Path) -> str:
            f"{', '.join(f'{r:.0%}' for r in report['ratios'])}, {plan['finetune_epochs']} fine-tune epochs per ratio "
            f"(schedule: {plan['source']}" + (f", {plan['images_per_s']:,.0f} images/s, predicted "
                                              f"{plan['predicted_s'] / 60:.1f} min" if "predicted_s" in plan else "")
-           + ").", "", f"| method | wall s (train + prune + fine-tune; {report['runs_at_once']} at once) |",
-           "|---|---:|"]
-  lines += [f"| {m} | {s['wall_s']:.0f} |" if s["wall_s"] else f"| {m} | (earlier run) |"
-            for m, s in report["methods"].items()]
+           + ").", "", f"| method | train s | prune s | fine-tune s | process s ({report['runs_at_once']} at once) |",
+           "|---|---:|---:|---:|---:|"]
+  lines += [method_times_row(m, s) for m, s in report["methods"].items()]
   lines += ["", "## Comparison (`python -m receding_jax.compare`)", "", comparison.strip(), "",
             "![importances](importances.png)", "![accuracy vs ratio](accuracy_vs_ratio.png)", ""]
   for method in report["methods"]:
@@ -460,39 +471,59 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(2)
 
 
+def prepare_data(args: argparse.Namespace, mode: Mode, work: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+  """(the demo's image folder, the benchmark's), extracted from the tarball unless already there."""
+  tarball = tarball_path(args, mode)
+  data = pathlib.Path(args.data_dir or (work / "cifar10-tiny" if mode is TINY else "/tmp/cifar10-jpeg"))
+  bench = data if mode is TINY else work / "cifar10-bench"
+  if mode.demo_per_class:
+    extract_subset(tarball, data, mode.demo_per_class)
+  else:
+    extract_all(tarball, data)
+  if bench != data:
+    extract_subset(tarball, bench, mode.bench_per_class)
+  return data, bench
+
+
+def run_bench(args: argparse.Namespace, mode: Mode, bench: pathlib.Path, out: pathlib.Path, work: pathlib.Path) -> None:
+  """The throughput benchmark into `out`, its results also kept in `work` for a later call."""
+  command = bench_command(args, mode, bench, out)
+  print("bench: " + " ".join(command[1:]), flush=True)
+  if run(command, env=child_env(mode)).returncode:
+    raise DemoError("the benchmark failed (see above)")
+  for name in ("gpu_throughput.json", "gpu_throughput.md"):
+    shutil.copyfile(out / name, work / name)
+
+
+def stored_plan(work: pathlib.Path) -> dict:
+  """The schedule of the demo that an earlier call ran (for --parts=compare alone)."""
+  path = work / "plan.json"
+  if not path.exists():
+    raise DemoError(f"{path} not found: run the demo part first")
+  return json.loads(path.read_text())
+
+
 def demo(args: argparse.Namespace, mode: Mode, parts: list[str]) -> None:
+  """Runs `parts` in order (see the module doc)."""
+  start, env = time.perf_counter(), child_env(mode)
   out = pathlib.Path(args.output_dir).resolve()
   work = pathlib.Path(args.work_dir or REPO / "runs" / "gpu_demo" / mode.name).resolve()
   args.work_dir = str(work)
   out.mkdir(parents=True, exist_ok=True)
   work.mkdir(parents=True, exist_ok=True)
-  env = child_env(mode)
-  start = time.perf_counter()
   if "install" in parts:
     install(pathlib.Path(args.bundle) / "wheels")
-  tarball = tarball_path(args, mode)
-  data = pathlib.Path(args.data_dir or (work / "cifar10-tiny" if mode is TINY else "/tmp/cifar10-jpeg"))
-  bench = data if mode is TINY else work / "cifar10-bench"
   if {"data", "bench", "demo"} & set(parts):
-    if mode.demo_per_class:
-      extract_subset(tarball, data, mode.demo_per_class)
-    else:
-      extract_all(tarball, data)
-    if bench != data:
-      extract_subset(tarball, bench, mode.bench_per_class)
+    data, bench = prepare_data(args, mode, work)
   if "bench" in parts:
-    print("bench: " + " ".join(bench_command(args, mode, bench, out)[1:]), flush=True)
-    if run(bench_command(args, mode, bench, out), env=env).returncode:
-      raise DemoError("the benchmark failed (see above)")
-    for name in ("gpu_throughput.json", "gpu_throughput.md"):  # For a later call (schedule, results.md).
-      shutil.copyfile(out / name, work / name)
-  workdirs: dict[str, pathlib.Path] = {}
-  if "demo" in parts or "compare" in parts:
-    plan = schedule(args, mode, out, data, bench) if "demo" in parts else json.loads((work / "plan.json").read_text())
-    print_schedule(plan, mode)
-    (work / "plan.json").write_text(json.dumps(plan))
-    tag = f"{mode.name}_w{mode.width:g}_b{mode.batch}_e{plan['epochs']}_f{plan['finetune_epochs']}"
-    workdirs = {m: work / "runs" / tag / m for m in METHODS}
+    run_bench(args, mode, bench, out, work)
+  if "demo" not in parts and "compare" not in parts:
+    return
+  plan = schedule(args, mode, out, data, bench) if "demo" in parts else stored_plan(work)
+  print_schedule(plan, mode)
+  (work / "plan.json").write_text(json.dumps(plan))
+  tag = f"{mode.name}_w{mode.width:g}_b{mode.batch}_e{plan['epochs']}_f{plan['finetune_epochs']}"
+  workdirs = {m: work / "runs" / tag / m for m in METHODS}
   walls: dict[str, float] = {}
   if "demo" in parts:
     known = known_keys(env)

@@ -174,6 +174,22 @@ def check_override_flags(argv: Sequence[str], flag: str = "config") -> None:
     raise ConfigError(unknown_keys_message(unknown))
 
 
+def _validate_data(config: ml_collections.ConfigDict) -> None:
+  """The dataset and data sections' values."""
+  d = config.dataset
+  _check(d.name in DATASETS, "dataset.name", d.name, f"one of {DATASETS}")
+  _check(d.name != "folder" or bool(d.folder), "dataset.folder", d.folder, "dataset 'folder' needs a folder")
+  _check(d.augment in AUGMENTATIONS, "dataset.augment", d.augment, f"one of {AUGMENTATIONS}")
+  _check(d.num_classes >= 2, "dataset.num_classes", d.num_classes, "at least 2")
+  _check(d.image_size >= 1, "dataset.image_size", d.image_size, "positive")
+  _check(len(d.mean) == len(d.std) and all(s > 0 for s in d.std), "dataset.std", d.std,
+         "positive, one per channel, as many as dataset.mean")
+  _check(d.validation_examples >= 0, "dataset.validation_examples", d.validation_examples, "must be >= 0")
+  _check(config.data.placement in PLACEMENTS, "data.placement", config.data.placement, f"one of {PLACEMENTS}")
+  _check(config.data.device_budget_mb >= 0, "data.device_budget_mb", config.data.device_budget_mb, "must be >= 0")
+  _check(config.data.steps_per_dispatch >= 0, "data.steps_per_dispatch", config.data.steps_per_dispatch, "must be >= 0")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first unknown key, missing key, mistyped or impossible value."""
   defaults = dict(_walk(default_config()))
@@ -188,17 +204,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check(_type_ok(value, defaults[key]), key, value, f"expected a {type(defaults[key]).__name__}")
 
   d, m, p, o, k = config.dataset, config.model, config.penalty, config.optim, config.checkpoint
-  _check(d.name in DATASETS, "dataset.name", d.name, f"one of {DATASETS}")
-  _check(d.name != "folder" or bool(d.folder), "dataset.folder", d.folder, "dataset 'folder' needs a folder")
-  _check(d.augment in AUGMENTATIONS, "dataset.augment", d.augment, f"one of {AUGMENTATIONS}")
-  _check(d.num_classes >= 2, "dataset.num_classes", d.num_classes, "at least 2")
-  _check(d.image_size >= 1, "dataset.image_size", d.image_size, "positive")
-  _check(len(d.mean) == len(d.std) and all(s > 0 for s in d.std), "dataset.std", d.std,
-         "positive, one per channel, as many as dataset.mean")
-  _check(d.validation_examples >= 0, "dataset.validation_examples", d.validation_examples, "must be >= 0")
-  _check(config.data.placement in PLACEMENTS, "data.placement", config.data.placement, f"one of {PLACEMENTS}")
-  _check(config.data.device_budget_mb >= 0, "data.device_budget_mb", config.data.device_budget_mb, "must be >= 0")
-  _check(config.data.steps_per_dispatch >= 0, "data.steps_per_dispatch", config.data.steps_per_dispatch, "must be >= 0")
+  _validate_data(config)
   _check(m.name in MODELS, "model.name", m.name, f"one of {sorted(MODELS)}")
   _check(m.norm in NORM_KINDS, "model.norm", m.norm, f"one of {NORM_KINDS}")
   _check(m.width_multiplier > 0, "model.width_multiplier", m.width_multiplier, "positive")
