@@ -19,7 +19,8 @@ naming the file, before anything runs. Rerunning resumes: finished runs are not 
 --tiny: the same command on a CPU in a few minutes (what tests/test_gpu_command.py runs): no install, a
 30+10-images-per-class subset of the tarball (the bundle's, else ../shared/data's), VGG-16 at 1/16 width,
 batch 32, one epoch, the three runs in parallel, XLA's fast-compile flags.
-Only the standard library is imported here: this runs before the project is installed.
+Only the standard library is imported here, and the sibling modules cifar_tarball.py (extraction) and
+gpu_demo_results.py (the schedule and the results): this runs before the project is installed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import shutil
@@ -36,16 +36,19 @@ import sys
 import threading
 import time
 
+# The test loads this script by its file path, and gpu_demo.sh runs it as a script before the project is
+# installed: its sibling modules are importable once this file's own folder is on the path.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from cifar_tarball import TarballError, count_images, extract_all, extract_subset
+from gpu_demo_results import METHODS, RATIOS, finetune_epochs, plan_schedule, print_schedule, write_results
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TARBALL_NAME = "cifar10-jpeg.tar.gz"
 SHARED_TARBALL = REPO.parent / "shared" / "data" / TARBALL_NAME
 BUILD_HINT = "build it with `bash launch/build_gpu_bundle.sh` on a machine with internet (docs/gpu_demo.md)"
-METHODS = ("rni", "l1", "ucs")
-RATIOS = (0.5, 0.9)
 PARTS = ("install", "data", "bench", "demo", "compare")
 DEMO_MODEL = "cifar_vgg16"
-#: Seconds per ratio for pruning, saving, restoring and evaluating, beyond compilation (a guess; printed).
-PRUNE_SECONDS = 10.0
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
@@ -125,50 +128,6 @@ def install(wheels: pathlib.Path) -> None:
     raise DemoError(f"the project does not import after installing from {wheels}: {last}")
 
 
-def extract_all(tarball: pathlib.Path, folder: pathlib.Path) -> None:
-  """The whole tarball into `folder` (atomically; kept when a previous extraction completed)."""
-  if (folder / ".complete").exists() or ((folder / "train").is_dir() and (folder / "test").is_dir()):
-    print(f"data: {folder} already holds CIFAR-10", flush=True)
-    return
-  partial = folder.with_name(folder.name + ".partial")
-  shutil.rmtree(partial, ignore_errors=True)
-  partial.mkdir(parents=True)
-  subprocess.run(["tar", "-xzf", str(tarball), "-C", str(partial)], check=True)
-  (partial / ".complete").write_text(str(tarball) + "\n")
-  os.replace(partial, folder)
-  print(f"data: extracted {tarball} into {folder}", flush=True)
-
-
-def extract_subset(tarball: pathlib.Path, folder: pathlib.Path, per_class: tuple[int, int]) -> None:
-  """The first (by name) `per_class` = (train, test) images of each class into `folder`, same layout."""
-  marker = folder / ".complete"
-  if marker.exists() and marker.read_text().strip() == f"{tarball} {per_class}":
-    return
-  if folder.exists() and any(folder.iterdir()) and not marker.exists():
-    raise DemoError(f"{folder} exists and was not made by this command; give another --data-dir or --work-dir")
-  listing = subprocess.run(["tar", "-tzf", str(tarball)], capture_output=True, text=True, check=True).stdout
-  groups: dict[tuple[str, str], list[str]] = {}
-  for name in listing.splitlines():
-    parts = name.removeprefix("./").split("/")
-    if len(parts) == 3 and parts[0] in ("train", "test") and parts[2].endswith(".jpg"):
-      groups.setdefault((parts[0], parts[1]), []).append(name)
-  keep = dict(zip(("train", "test"), per_class, strict=True))
-  chosen = [n for (split, _), names in sorted(groups.items()) for n in sorted(names)[: keep[split]]]
-  partial = folder.with_name(folder.name + ".partial")
-  shutil.rmtree(partial, ignore_errors=True)
-  partial.mkdir(parents=True)
-  (partial / ".members").write_text("\n".join(chosen) + "\n")
-  subprocess.run(["tar", "-xzf", str(tarball), "-C", str(partial), "-T", str(partial / ".members")], check=True)
-  (partial / ".complete").write_text(f"{tarball} {per_class}\n")
-  shutil.rmtree(folder, ignore_errors=True)
-  os.replace(partial, folder)
-  print(f"data: {len(chosen)} images ({per_class[0]} train + {per_class[1]} test per class) in {folder}", flush=True)
-
-
-def count_images(folder: pathlib.Path, split: str) -> int:
-  return sum(1 for _ in (folder / split).glob("*/*.jpg"))
-
-
 # ---------------------------------------------------------------------------------------------------
 # Benchmark and schedule.
 
@@ -212,30 +171,6 @@ def demo_row(report_path: pathlib.Path, mode: Mode) -> dict | None:
   return None
 
 
-def finetune_epochs(epochs: int) -> int:
-  """The short fine-tune: an eighth of training, at least one epoch."""
-  return max(1, math.ceil(epochs / 8))
-
-
-def plan_schedule(images_per_s: float, run_overhead_s: float, compile_s: float, budget_s: float, train_images: int,
-                  eval_images: int, max_epochs: int, runs: int = len(METHODS), ratios: int = len(RATIOS)) -> dict:
-  """The most training epochs E (with `finetune_epochs(E)` per ratio) whose predicted time for `runs` runs
-  fits `budget_s` (at least 1, at most `max_epochs`). An epoch trains `train_images` and evaluates
-  `eval_images` (a third of the cost each); a run pays `run_overhead_s` (start-up, compilation, final
-  evaluation, as measured) and per ratio a compilation, PRUNE_SECONDS and an evaluation."""
-  epoch_s = (train_images + eval_images / 3) / images_per_s
-  fixed_s = run_overhead_s + ratios * (compile_s + PRUNE_SECONDS + eval_images / 3 / images_per_s)
-
-  def total(e: int) -> float:
-    return runs * (fixed_s + (e + ratios * finetune_epochs(e)) * epoch_s)
-
-  epochs = 1
-  while epochs < max_epochs and total(epochs + 1) <= budget_s:
-    epochs += 1
-  return {"epochs": epochs, "finetune_epochs": finetune_epochs(epochs), "predicted_s": total(epochs),
-          "budget_s": budget_s, "epoch_s": epoch_s, "run_fixed_s": fixed_s, "images_per_s": images_per_s}
-
-
 def schedule(args: argparse.Namespace, mode: Mode, out: pathlib.Path, data: pathlib.Path, bench: pathlib.Path) -> dict:
   """Epochs from --epochs, or from a measured images/s (the benchmark's row, else a one-case measurement)."""
   train_images = count_images(data, "train") - mode.validation_examples
@@ -261,18 +196,6 @@ def schedule(args: argparse.Namespace, mode: Mode, out: pathlib.Path, data: path
   if args.finetune_epochs:
     plan["finetune_epochs"] = args.finetune_epochs
   return {**plan, "source": "--images-per-s" if args.images_per_s else "measured"}
-
-
-def print_schedule(plan: dict, mode: Mode) -> None:
-  what = f"{DEMO_MODEL} width {mode.width:g}, batch {mode.batch}, float32, the project's loop"
-  if plan["source"] == "--epochs":
-    print(f"schedule: {plan['epochs']} epochs + {plan['finetune_epochs']} fine-tune epochs per ratio (--epochs)",
-          flush=True)
-    return
-  print(f"schedule: {plan['images_per_s']:,.0f} images/s ({plan['source']}; {what}) -> {plan['epochs']} epochs + "
-        f"{plan['finetune_epochs']} fine-tune epochs per ratio; predicted {plan['predicted_s'] / 60:.1f} min for the "
-        f"three runs (budget {plan['budget_s'] / 60:.1f} min: {plan['run_fixed_s']:.0f} s fixed per run + "
-        f"{plan['epoch_s']:.1f} s an epoch{'; tiny mode: at most 1 epoch' if mode is TINY else ''})", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -344,85 +267,6 @@ def run_methods(commands: dict[str, list[str]], logs: pathlib.Path, jobs: int, e
   return walls
 
 
-ACCURACY_KEYS = ("validation_accuracy", "test_accuracy", "max_test_accuracy_over_epochs")
-
-
-def _pick(entry: dict, keys: tuple[str, ...]) -> dict:
-  return {k: entry[k] for k in keys if k in entry}
-
-
-def method_summary(workdir: pathlib.Path, wall_s: float | None) -> dict:
-  """One run's accuracies per stage and ratio, sizes, importance shares and times, from its workdir."""
-  results = json.loads((workdir / "results.json").read_text())
-  lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-  last = lines[-1] if lines else {}
-  ratios = {}
-  for ratio, entry in results["ratios"].items():
-    pruned, tuned = entry.get("pruned", {}), entry.get("finetuned", {})
-    report = pruned.get("report") or {}
-    ratios[ratio] = {
-        "pruned": {**_pick(pruned, (*ACCURACY_KEYS, "prune_seconds")),
-                   **_pick(report, ("params_before", "params_after", "flops_before", "flops_after"))},
-        "finetuned": _pick(tuned, (*ACCURACY_KEYS, "finetune_seconds")),
-    }
-  return {"workdir": str(workdir), "wall_s": wall_s,
-          "trained": _pick(results["trained"], (*ACCURACY_KEYS, "train_seconds", "epoch", "source")),
-          "importance_fraction_below_0.05": last.get("importance_fraction_below_0.05"),
-          "importance_fraction_above_0.5": last.get("importance_fraction_above_0.5"), "ratios": ratios}
-
-
-def write_results(out: pathlib.Path, mode: Mode, plan: dict, workdirs: dict[str, pathlib.Path],
-                  walls: dict[str, float], comparison: str) -> dict:
-  """results.json and results.md in `out`, and each run's small files under out/runs/<method>/."""
-  methods = {m: method_summary(w, walls.get(m)) for m, w in workdirs.items()}
-  for method, workdir in workdirs.items():
-    (out / "runs" / method).mkdir(parents=True, exist_ok=True)
-    for name in ("results.md", "metrics.jsonl", "config.json"):
-      if (workdir / name).exists():
-        shutil.copyfile(workdir / name, out / "runs" / method / name)
-    figure = workdir / "plots" / "importances_per_epoch.png"
-    if figure.exists():
-      shutil.copyfile(figure, out / f"importances_per_epoch_{method}.png")
-  bench = out / "gpu_throughput.json"
-  report = {"mode": mode.name, "model": DEMO_MODEL, "width_multiplier": mode.width, "batch_size": mode.batch,
-            "ratios": list(RATIOS), "runs_at_once": mode.jobs, "schedule": plan, "methods": methods,
-            "throughput": json.loads(bench.read_text()) if bench.exists() else None}
-  report["files"] = sorted({p.name for p in out.iterdir() if p.is_file()} | {"results.json", "results.md"})
-  (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-  (out / "results.md").write_text(results_markdown(report, comparison, out))
-  return report
-
-
-def method_times_row(method: str, summary: dict) -> str:
-  """'| rni | train s | prune s | fine-tune s | process s |': the phases' recorded times (epochs' and pruning
-  wall times, over every attempt) and the wall time of this call's process (empty if it ran earlier)."""
-  stages = summary["ratios"].values()
-  prune = sum(r["pruned"].get("prune_seconds", 0.0) for r in stages)
-  tune = sum(r["finetuned"].get("finetune_seconds", 0.0) for r in stages)
-  wall = f"{summary['wall_s']:.0f}" if summary["wall_s"] else ""
-  return f"| {method} | {summary['trained'].get('train_seconds', 0.0):.0f} | {prune:.0f} | {tune:.0f} | {wall} |"
-
-
-def results_markdown(report: dict, comparison: str, out: pathlib.Path) -> str:
-  plan, d = report["schedule"], (report["throughput"] or {}).get("device", {})
-  lines = [f"# {report['model']} on CIFAR-10: rni vs l1 vs ucs ({report['mode']} mode)", "",
-           f"Device: {d.get('kind', 'see gpu_throughput.md')}. Width {report['width_multiplier']:g}, batch "
-           f"{report['batch_size']}, {plan['epochs']} epochs, one-shot pruning at "
-           f"{', '.join(f'{r:.0%}' for r in report['ratios'])}, {plan['finetune_epochs']} fine-tune epochs per ratio "
-           f"(schedule: {plan['source']}" + (f", {plan['images_per_s']:,.0f} images/s, predicted "
-                                             f"{plan['predicted_s'] / 60:.1f} min" if "predicted_s" in plan else "")
-           + ").", "", f"| method | train s | prune s | fine-tune s | process s ({report['runs_at_once']} at once) |",
-           "|---|---:|---:|---:|---:|"]
-  lines += [method_times_row(m, s) for m, s in report["methods"].items()]
-  lines += ["", "## Comparison (`python -m receding_jax.compare`)", "", comparison.strip(), "",
-            "![importances](importances.png)", "![accuracy vs ratio](accuracy_vs_ratio.png)", ""]
-  for method in report["methods"]:
-    lines += [f"## {method}", "", (out / "runs" / method / "results.md").read_text().strip(), ""]
-  if (out / "gpu_throughput.md").exists():
-    lines += ["## Training throughput (`benchmarks/gpu_throughput.py`)", "", (out / "gpu_throughput.md").read_text()]
-  return "\n".join(lines) + "\n"
-
-
 def compare(out: pathlib.Path, workdirs: dict[str, pathlib.Path], env: dict) -> str:
   """`python -m receding_jax.compare` into `out`; returns comparison.md."""
   cmd = [sys.executable, "-m", "receding_jax.compare", f"--workdirs={','.join(map(str, workdirs.values()))}",
@@ -466,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
   try:
     check_inputs(args, mode, parts)
     demo(args, mode, parts)
-  except DemoError as e:
+  except (DemoError, TarballError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
 
@@ -520,7 +364,8 @@ def demo(args: argparse.Namespace, mode: Mode, parts: list[str]) -> None:
   if "demo" not in parts and "compare" not in parts:
     return
   plan = schedule(args, mode, out, data, bench) if "demo" in parts else stored_plan(work)
-  print_schedule(plan, mode)
+  print_schedule(plan, f"{DEMO_MODEL} width {mode.width:g}, batch {mode.batch}, float32, the project's loop",
+                 tiny=mode is TINY)
   (work / "plan.json").write_text(json.dumps(plan))
   tag = f"{mode.name}_w{mode.width:g}_b{mode.batch}_e{plan['epochs']}_f{plan['finetune_epochs']}"
   workdirs = {m: work / "runs" / tag / m for m in METHODS}
@@ -534,7 +379,9 @@ def demo(args: argparse.Namespace, mode: Mode, parts: list[str]) -> None:
       if not (out / name).exists() and (work / name).exists():
         shutil.copyfile(work / name, out / name)
     comparison = compare(out, workdirs, env)
-    report = write_results(out, mode, plan, workdirs, walls, comparison)
+    header = {"mode": mode.name, "model": DEMO_MODEL, "width_multiplier": mode.width, "batch_size": mode.batch,
+              "ratios": list(RATIOS), "runs_at_once": mode.jobs, "schedule": plan}
+    report = write_results(out, header, workdirs, walls, comparison)
     print(comparison)
     print(f"wrote {out / 'results.md'} and results.json ({len(report['methods'])} methods) in "
           f"{time.perf_counter() - start:.0f} s", flush=True)

@@ -182,20 +182,38 @@ def _train_and_evaluate(
   return summary
 
 
+#: Train metrics are fetched (and the loss checked) once this many steps are pending: fetching every
+#: step would stop the host from preparing the next batch while the devices compute.
+FETCH_EVERY_STEPS = 50
+
+
 def _train_epoch(trainer: Trainer, state: State, feed: data.Feed, epoch: int, num_epochs: int, skip: int,
                  manager) -> tuple[State, dict[str, float]]:
-  """Trains the chunks of one epoch; returns the state and the epoch's mean train metrics. Each chunk's
-  metrics are fetched once, after it ran; a non-finite loss stops the run (`_check_finite`)."""
+  """Trains the chunks of one epoch; returns the state and the epoch's mean train metrics. Metrics stay on
+  the devices until FETCH_EVERY_STEPS steps are pending; a non-finite loss then stops the run, naming its
+  step (`_check_finite`), before anything is saved."""
   bar = console.progress(feed.steps, epoch, num_epochs)
   bar.update(skip)
+  step = epoch * feed.steps + skip
+  pending: list[dict[str, jax.Array]] = []
   fetched: list[dict[str, np.ndarray]] = []
+
+  def fetch():
+    got = {k: np.concatenate([np.asarray(m[k]) for m in jax.device_get(pending)]) for k in pending[0]}
+    _check_finite(got["loss"], step, manager)
+    fetched.append(got)
+    bar.update(len(got["loss"]))
+    bar.set_postfix(loss=f"{float(got['loss'][-1]):.3f}")
+    pending.clear()
+
   for chunk in feed.chunks(epoch, skip):
     state, metrics = trainer.train(state, chunk)
-    metrics = jax.device_get(metrics)
-    _check_finite(metrics["loss"], int(state["step"]), manager)
-    fetched.append(metrics)
-    bar.update(len(metrics["loss"]))
-    bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.3f}")
+    pending.append(metrics)
+    step += int(chunk["label"].shape[0])
+    if sum(int(m["loss"].shape[0]) for m in pending) >= FETCH_EVERY_STEPS:
+      fetch()
+  if pending:
+    fetch()
   bar.close()
   stacked = {k: np.concatenate([m[k] for m in fetched]) for k in fetched[0]}
   return state, {f"train_{k}": float(np.mean(v)) for k, v in stacked.items()}

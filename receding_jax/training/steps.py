@@ -108,6 +108,9 @@ def train_chunk(state: State, chunk: Batch, *, step: Callable, prepare: Prepare,
     batch = prepare(raw, jax.random.fold_in(data_key(seed), s["step"]))
     return step(s, batch)
 
+  if jax.tree.leaves(chunk)[0].shape[0] == 1:  # No loop: XLA:CPU runs a step inside a while loop slower.
+    state, metrics = body(state, jax.tree.map(lambda v: v[0], chunk))
+    return state, jax.tree.map(lambda v: v[None], metrics)
   return jax.lax.scan(body, state, chunk)
 
 
