@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from multidevice import run_with_cpu_devices
 
-from receding_jax.training import resident
+from receding_jax.training import data, resident
+from receding_jax.training.config import default_config
 
 
 @pytest.mark.parametrize("steps,skip,target", [(18, 0, 100), (781, 0, 100), (781, 300, 100), (97, 5, 10), (5, 4, 2)])
@@ -63,7 +64,8 @@ def test_evaluation_layout_holds_every_example_once_with_a_mask():
 
 EIGHT_DEVICE_LAYOUT = """
 import jax, numpy as np
-from receding_jax.training import resident
+from receding_jax.training import data, resident
+from receding_jax.training.config import default_config
 total, steps, batch = 50, 3, 16
 images = np.random.default_rng(0).integers(0, 256, (total, 4, 4, 3), dtype=np.uint8)
 out = []
@@ -83,3 +85,28 @@ print("ok", out[0]["label"].shape)
 
 def test_eight_devices_lay_out_the_same_epoch_as_one():
   assert run_with_cpu_devices(EIGHT_DEVICE_LAYOUT).split()[:1] == ["ok"]
+
+
+def digits_config(**data):
+  c = default_config()
+  c.dataset.name, c.dataset.image_size, c.dataset.augment = "digits", 8, "none"
+  c.dataset.mean, c.dataset.std = (0.3,), (0.4,)
+  for k, v in data.items():
+    c.data[k] = v
+  return c
+
+
+def test_placement_is_the_device_when_the_splits_fit_and_a_forced_misfit_names_both_sizes():
+  c = digits_config()
+  shards = data.load_splits(c, ("train", "test"))
+  size = sum(data.split_megabytes(s) for s in shards.values())
+  assert size == pytest.approx(1797 * 64 / 2**20, rel=1e-6)  # 8x8x1 uint8 digits, train + test.
+  assert data.choose_placement(c, shards) == "device"
+  c.data.device_budget_mb = size / 2
+  assert data.choose_placement(c, shards) == "streaming"
+  c.data.placement = "device"
+  with pytest.raises(ValueError, match=rf"take {size:.1f} MB .* more than data.device_budget_mb = {size / 2:g} MB"):
+    data.choose_placement(c, shards)
+  c.data.device_budget_mb, c.dataset.augment = 1e6, "imagenet"
+  with pytest.raises(ValueError, match="augmentation 'imagenet' runs on the host only"):
+    data.choose_placement(c, shards)
