@@ -11,15 +11,15 @@
 #   REPO_URL   where the workers clone this repository from (required)
 #   DATA_DIR   tfds data_dir with prepared datasets, e.g. gs://bucket/tensorflow_datasets (optional)
 #   EXTRA      more flags, e.g. "--config.optim.batch_size=1024"
-#   EXTRAS     pip extras (default train; tfdata when DATA_DIR holds TFRecord datasets, e.g. most ImageNet
-#              copies: only that extra installs TensorFlow)
+#   EXTRAS     pip extras (default train,gcs for gs:// workdirs; add tfdata when DATA_DIR holds TFRecord
+#              datasets, e.g. most ImageNet copies: only that extra installs TensorFlow)
 #
 # Example: TPU_NAME=rj ZONE=us-central2-b REPO_URL=https://example.org/receding-jax.git \
 #          WORKDIR=gs://my-bucket/runs/vgg-rni bash launch/tpu_vm.sh
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${WORKDIR:?set WORKDIR}" "${REPO_URL:?set REPO_URL}"
 CONFIG=${CONFIG:-configs/cifar10_vgg16_rni.py}
-EXTRAS=${EXTRAS:-train}
+EXTRAS=${EXTRAS:-train,gcs}
 DATA_FLAG=${DATA_DIR:+--config.dataset.data_dir=$DATA_DIR}
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "
   set -e
