@@ -34,7 +34,7 @@ from etils import epath
 
 from receding_jax.training import workdir as wd
 from receding_jax.training.config import differing_keys
-from receding_jax.training.workdir import PathLike, is_writer, write_text  # train.py still calls these here.
+from receding_jax.training.workdir import PathLike, is_writer, write_text
 
 _held: dict[str, int] = {}  # Workdirs this process holds -> nesting depth (a run holds its own workdir once).
 
