@@ -5,7 +5,7 @@ parameters' structure, wrapped in the transforms' own containers (tuples of `opt
 `inner_states` of `optax.multi_transform`, `optax.masked`'s state). Inside `multi_transform` and
 `masked` the leaves a transform does not own are `optax.MaskedNode()`, which has no leaves of its own;
 a subtree therefore *mirrors* the parameters when, with `MaskedNode` counted as a leaf, its structure is
-the parameters'. Such subtrees are sliced leaf by leaf (MaskedNodes stay); every other leaf is kept as
+the parameters' (or, for NNX, whose optimizer wraps each `Param` in an `OptVariable`, its leaf names are). Such subtrees are sliced leaf by leaf (MaskedNodes stay); every other leaf is kept as
 it is unless it has the shape of a parameter that pruning changes, in which case the state cannot be
 sliced faithfully and ValueError names it. Architecture-free: the slicing itself is a callback.
 """
@@ -77,10 +77,18 @@ def slice_params_like(tree: PyTree, params: PyTree, slice_fn: SliceFn) -> PyTree
   if not changed:
     return tree
   structure = jax.tree.structure(params)
+  names = leaf_names(params)
   changed_shapes: dict[tuple[int, ...], Names] = {}
   for name, (before, _) in changed.items():
     changed_shapes.setdefault(before, name)
-  mirrors = lambda node: not _is_masked_node(node) and jax.tree.structure(node, is_leaf=_is_masked_node) == structure
+  def mirrors(node: Any) -> bool:
+    """Same structure as the parameters, or (NNX: `OptVariable`s for `Param`s) the same leaf names."""
+    if _is_masked_node(node) or not jax.tree.leaves(node, is_leaf=_is_masked_node):
+      return False
+    if jax.tree.structure(node, is_leaf=_is_masked_node) == structure:
+      return True
+    flat = jax.tree_util.tree_leaves_with_path(node, is_leaf=_is_masked_node)
+    return len(flat) == len(names) and [path_names(p) for p, _ in flat] == names
 
   def visit(path, node):
     if mirrors(node):

@@ -22,7 +22,7 @@ from flax import traverse_util
 
 from receding_jax.importances import neuron_importances
 from receding_jax.models import CifarResNet, CifarVGG, ImageNetVGG, ResNet
-from receding_jax.pruning_state import slice_params_like
+from receding_jax.pruning.optimizer_state import slice_params_like
 
 PyTree = Any
 Masks = dict[str, np.ndarray]

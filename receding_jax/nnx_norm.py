@@ -1,0 +1,83 @@
+"""The bounded norm for Flax NNX: the same maths as `norm.BoundedScaleNorm`, an NNX shell.
+
+Variables: ``scale_logit`` (`nnx.Param`, importance = sigmoid(logit)), optional ``bias`` (`nnx.Param`),
+``mean`` and ``var`` (`nnx.BatchStat`, float32). The layout matches the Linen module's, so penalties,
+importances and pruning find it the same way; ``model.eval()`` switches it to the running statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from receding_jax.norm import (
+    Axes,
+    batch_moments,
+    bounded_scale,
+    canonicalize_axes,
+    normalize,
+    update_running_average,
+)
+
+
+class NnxBoundedScaleNorm(nnx.Module):
+  """BatchNorm with a bounded scale, y = sigmoid(w_c) * (x - mean_c) / sqrt(var_c + eps) [+ bias_c], in NNX.
+
+  Args:
+    num_features: channels along `axis` (one axis).
+    use_running_average: normalise with the running statistics (``eval()`` sets it, ``train()`` clears it).
+    axis: the feature axis; momentum, epsilon, dtype, param_dtype, use_bias, logit_init, bias_init,
+      axis_name, axis_index_groups: as `norm.BoundedScaleNorm` (momentum 0.9 = PyTorch's 0.1, no bias).
+    rngs: draws the logits (``rngs.params()``).
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      use_running_average: bool = False,
+      axis: Axes = -1,
+      momentum: float = 0.9,
+      epsilon: float = 1e-5,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      use_bias: bool = False,
+      logit_init: nnx.Initializer = nnx.initializers.normal(stddev=1.0),
+      bias_init: nnx.Initializer = nnx.initializers.zeros,
+      axis_name: str | None = None,
+      axis_index_groups: Any = None,
+      rngs: nnx.Rngs,
+  ):
+    if not isinstance(num_features, int) or num_features < 1:
+      raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    self.num_features = num_features
+    self.use_running_average = use_running_average
+    self.axis, self.momentum, self.epsilon = axis, momentum, epsilon
+    self.dtype, self.use_bias = dtype, use_bias
+    self.axis_name, self.axis_index_groups = axis_name, axis_index_groups
+    shape = (num_features,)
+    self.scale_logit = nnx.Param(logit_init(rngs.params(), shape, param_dtype))
+    self.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype)) if use_bias else None
+    self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+    """Normalises `x` (channels along `axis`) and scales each channel by sigmoid(logit)."""
+    feature_axes = canonicalize_axes(x.ndim, self.axis)
+    if len(feature_axes) != 1 or x.shape[feature_axes[0]] != self.num_features:
+      raise ValueError(f"NnxBoundedScaleNorm has {self.num_features} features, the input has shape {x.shape} "
+                       f"(axis {self.axis})")
+    reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
+    running = self.use_running_average if use_running_average is None else use_running_average
+    if running:
+      mean, var = self.mean[...], self.var[...]
+    else:
+      mean, var = batch_moments(x, reduction_axes, self.axis_name, self.axis_index_groups)
+      self.mean[...] = update_running_average(self.mean[...], mean, self.momentum)
+      self.var[...] = update_running_average(self.var[...], var, self.momentum)
+    bias = None if self.bias is None else self.bias[...]
+    return normalize(x, mean, var, bounded_scale(self.scale_logit[...]), bias, feature_axes, self.epsilon,
+                     self.dtype)

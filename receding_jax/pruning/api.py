@@ -1,0 +1,231 @@
+"""Pruning any Flax model: masks from a criterion, then a narrower model and its variables, checked.
+
+Linen: ``narrow_model, narrow_variables = prune_params(model, variables, ratio=0.5)``. NNX:
+``narrow_model, narrow_state = prune_params(model, ratio=0.5)`` (a new module; the original untouched).
+Models without an ``input_shape`` attribute need ``inputs=`` (an example batch or its
+`jax.ShapeDtypeStruct`). Every result is checked before it is returned: the narrow model's outputs on a
+random input must equal the wide model's with the removed channels' parameters zeroed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from receding_jax.pruning import criteria, rebuild, slicing
+from receding_jax.pruning.criteria import Masks
+from receding_jax.pruning.models import Traced, abstract_linen_variables, eval_kwargs, input_specs, trace
+from receding_jax.pruning.optimizer_state import slice_params_like
+
+PyTree = Any
+
+
+def count_params(variables: PyTree) -> int:
+  """Number of trainable parameters (the ``params`` collection, or a params pytree / nnx.State itself)."""
+  if isinstance(variables, nnx.Module):
+    variables = nnx.state(variables, nnx.Param)
+  params = variables["params"] if isinstance(variables, Mapping) and "params" in variables else variables
+  return int(sum(np.size(leaf) for leaf in jax.tree.leaves(params)))
+
+
+def count_flops(model: Any, inputs: Any = None, *, apply_kwargs: Mapping[str, Any] | None = None) -> int:
+  """Multiply-accumulates of the convolutions and dot products for `inputs` (default: one input of the
+  model's ``input_shape``), counted from the traced computation (norms and activations are not counted)."""
+  return int(sum(macs for macs, _ in trace(model, None, inputs, apply_kwargs).coupling.macs))
+
+
+def channel_masks(
+    model: Any,
+    variables: PyTree = None,
+    ratio: float | None = None,
+    *,
+    inputs: Any = None,
+    scope: str = "global",
+    min_channels: int = 3,
+    flop_reduction: float | None = None,
+    threshold: float | None = None,
+    channel_multiple: int = 1,
+    prune_streams: bool = False,
+    allow_approximate: bool = False,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> Masks:
+  """Which channels to keep in every group a criterion prunes (METHOD.md section 6); exactly one criterion.
+
+  Args:
+    model: any Flax Linen module (with its `variables`) or NNX module (variables=None).
+    ratio: share of channels to prune, in [0, 1): keep a channel iff its importance is above the
+      `ratio`-quantile of all prunable importances ('global') or of its own group's ('local').
+    inputs: an example input (or ShapeDtypeStruct, or a tuple of them); default from ``input_shape``.
+    scope: 'global' (RNI, L1, polarization) or 'local' (UCS).
+    min_channels: every group keeps at least this many channels (its most important ones).
+    flop_reduction: instead of `ratio`, the share of MACs to remove, in [0, 1).
+    threshold: instead of `ratio`, keep a channel iff its importance is above this value.
+    channel_multiple: round every group's kept count up to a multiple of this, capped at its width.
+    prune_streams: also prune groups scored by several norms (residual streams); off by default, as in
+      the paper, which prunes a ResNet's block-inner channels only.
+    allow_approximate: also prune groups a reduction runs over (LayerNorm over channels): the result
+      then differs from the original even for channels of importance zero, and is not checked.
+
+  Returns:
+    {group name (its first norm's path): bool [channels], True = keep}.
+  """
+  traced = trace(model, variables, inputs, apply_kwargs)
+  return _choose(traced, ratio, flop_reduction, threshold, scope, min_channels, channel_multiple,
+                 prune_streams, allow_approximate)
+
+
+def _choose(traced: Traced, ratio, flop_reduction, threshold, scope, min_channels, channel_multiple,
+            prune_streams, allow_approximate) -> Masks:
+  groups = criteria.selected(traced.groups, prune_streams, allow_approximate)
+  return criteria.choose(traced.coupling, groups, ratio=ratio, flop_reduction=flop_reduction,
+                         threshold=threshold, scope=scope, min_channels=min_channels,
+                         channel_multiple=channel_multiple)
+
+
+def check_masks(traced: Traced, masks: Mapping[str, Any], allow_approximate: bool = False) -> dict[int, np.ndarray]:
+  """Masks as {group index: bool [size]} for the groups that lose a channel; ValueError on any mask that
+  names no group, has the wrong shape or dtype, keeps nothing, or removes a channel that cannot go."""
+  by_name = {g.name: g for g in traced.groups}
+  unknown = sorted(set(masks) - set(by_name))
+  if unknown:
+    names = [g.name for g in traced.groups if g.group.status != "unprunable"]
+    raise ValueError(f"masks name groups the model does not have: {unknown[:5]}; its groups are {names[:20]}")
+  keep = {}
+  for name, mask in masks.items():
+    g = by_name[name]
+    mask = np.asarray(mask)
+    if mask.dtype != bool:
+      raise ValueError(f"mask for {name!r} must be boolean, got dtype {mask.dtype}")
+    if mask.shape != (g.size,):
+      raise ValueError(f"mask for {name!r} has shape {mask.shape}, the group has {g.size} channels")
+    if not mask.any():
+      raise ValueError(f"mask for {name!r} keeps zero channels")
+    if mask.all():
+      continue
+    removed_fixed = np.flatnonzero(~mask & g.group.fixed)
+    if removed_fixed.size:
+      raise ValueError(f"mask for {name!r} removes channel {int(removed_fixed[0])}, which cannot be removed: "
+                       f"{'; '.join(g.group.reasons)}")
+    if g.group.status == "approximate" and not allow_approximate:
+      raise ValueError(f"group {name!r} is approximate ({'; '.join(g.group.reasons)}): removing its channels "
+                       "changes the outputs even where they are zero; pass allow_approximate=True to do it anyway")
+    keep[g.group.index] = mask
+  return keep
+
+
+def _random_inputs(specs, seed: int = 0) -> tuple[jax.Array, ...]:
+  keys = jax.random.split(jax.random.key(seed), len(specs))
+  return tuple(jax.random.normal(k, s.shape, s.dtype) if jnp.issubdtype(s.dtype, jnp.floating)
+               else jnp.zeros(s.shape, s.dtype) for k, s in zip(keys, specs, strict=True))
+
+
+def _apply_narrow(traced: Traced, narrow_model: Any, narrow_variables: Any, inputs) -> Any:
+  """The narrow model's eval-mode outputs (op by op: compiled ops are cached across calls)."""
+  if traced.kind == "nnx":
+    clone = nnx.clone(narrow_model)
+    clone.eval()
+    return clone(*inputs)
+  return narrow_model.apply(narrow_variables, *inputs, **eval_kwargs(traced.model, None))
+
+
+def _tolerance(reference: Any) -> float:
+  low = any(jnp.dtype(x.dtype).itemsize < 4 for x in jax.tree.leaves(reference))
+  return 3e-2 if low else 1e-4
+
+
+def verify(traced: Traced, keep: Mapping[int, np.ndarray], narrow_model: Any, narrow_variables: Any) -> float:
+  """Worst difference between the narrow model and the wide one with the removed channels zeroed, on a
+  random input; ValueError (naming the first failing group's modules) when it exceeds the tolerance."""
+  inputs = _random_inputs(traced.inputs)
+  reference = traced.apply(slicing.zero_tree(traced.variables, traced.coupling, keep), *inputs)
+  try:
+    outputs = _apply_narrow(traced, narrow_model, narrow_variables, inputs)
+  except Exception as e:  # noqa: BLE001 - any failure of the user's model is reported as bad pruning.
+    raise ValueError(f"the narrow model does not run: {str(e).splitlines()[0]}") from e
+  scale = max(1.0, max(float(jnp.max(jnp.abs(r))) for r in jax.tree.leaves(reference)))
+  worst = max(float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))
+              for a, b in zip(jax.tree.leaves(outputs), jax.tree.leaves(reference), strict=True))
+  if worst > _tolerance(reference) * scale:
+    members = sorted({"/".join(leaf[:-1]) for i in keep for leaf, _ in traced.coupling.groups[i].members})
+    raise ValueError(f"the narrow model's outputs differ from the wide model's with the removed channels "
+                     f"zeroed by {worst:.3g}: the pruning of modules {members[:8]} is not exact")
+  return worst
+
+
+def prune_params(
+    model: Any,
+    variables: PyTree = None,
+    ratio: float | None = None,
+    *,
+    masks: Mapping[str, Any] | None = None,
+    inputs: Any = None,
+    scope: str = "global",
+    min_channels: int = 3,
+    flop_reduction: float | None = None,
+    threshold: float | None = None,
+    channel_multiple: int = 1,
+    prune_streams: bool = False,
+    allow_approximate: bool = False,
+    check: bool = True,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[Any, Any]:
+  """Physically removes channels: returns the narrower model and its variables.
+
+  Give `masks` ({group name: bool [channels]}, from `channel_masks` or your own; groups left out keep
+  every channel) or one criterion of `channel_masks`. Linen: returns (narrow module, narrow variables),
+  numpy in numpy out; NNX: (a new narrow module, its `nnx.state`). Everything is checked before slicing,
+  and with `check` the result is verified (see `verify`); nothing is mutated. A removed BatchNorm
+  channel's bias (beta) goes with it, as in Network Slimming; bounded norms have no bias by default, so
+  their pruning is exact when the removed importances are 0.
+  """
+  traced = trace(model, variables, inputs, apply_kwargs)
+  if masks is None:
+    masks = _choose(traced, ratio, flop_reduction, threshold, scope, min_channels, channel_multiple,
+                    prune_streams, allow_approximate)
+  elif any(c is not None for c in (ratio, flop_reduction, threshold)):
+    raise ValueError("give either masks or a pruning criterion (ratio, flop_reduction, threshold), not both")
+  keep = check_masks(traced, masks, allow_approximate)
+  narrow_model, narrow_variables = _narrow(traced, keep)
+  approximate = any(traced.coupling.groups[i].status == "approximate" for i in keep)
+  if approximate:
+    warnings.warn("pruned approximate groups: the narrow model differs from the original", stacklevel=2)
+  elif check and keep:
+    verify(traced, keep, narrow_model, narrow_variables)
+  return narrow_model, narrow_variables
+
+
+def _narrow(traced: Traced, keep: Mapping[int, np.ndarray]) -> tuple[Any, Any]:
+  if traced.kind == "nnx":
+    narrow_state = slicing.slice_tree(nnx.state(traced.model), traced.coupling, keep)
+    narrow_model = rebuild.narrow_nnx(traced.model, narrow_state)
+    return narrow_model, nnx.state(narrow_model)
+  narrow_variables = slicing.slice_tree(traced.variables, traced.coupling, keep)
+  overrides = rebuild.linen_overrides(traced.linen_layers, narrow_variables["params"])
+  return rebuild.narrow_linen(traced.model, overrides), narrow_variables
+
+
+def prune_params_like(tree: PyTree, model: Any, params: PyTree, masks: Mapping[str, Any], *,
+                      variables: PyTree = None, inputs: Any = None) -> PyTree:
+  """Slices every subtree of `tree` (an optimizer state) that mirrors `params`, the parameters before
+  pruning, as `prune_params(..., masks=masks)` slices them: fine-tuning keeps the kept channels' momentum.
+
+  Linen: `params` is ``variables['params']`` (pass the whole `variables` too when the model has batch
+  statistics, or they are taken from an abstract init); NNX: `model` is the module and `params`
+  ``nnx.state(model, nnx.Param)``. Reaches into `optax.chain`, `multi_transform` and `masked` states;
+  ValueError names any leaf it cannot slice (see `optimizer_state`).
+  """
+  if isinstance(model, nnx.Module):
+    traced, prefix = trace(model, None, inputs), ()
+  else:
+    if variables is None:
+      shapes = abstract_linen_variables(model, input_specs(model, inputs), eval_kwargs(model, None))
+      variables = {**shapes, "params": params}
+    traced, prefix = trace(model, variables, inputs), ("params",)
+  keep = check_masks(traced, masks, allow_approximate=True)
+  return slice_params_like(tree, params, lambda flat: slicing.slice_named(flat, traced.coupling, keep, prefix))

@@ -1,0 +1,201 @@
+"""Choosing channels: groups scored by their norms, and masks by ratio, threshold or FLOP target.
+
+A group is scored by the norms whose scale lies on it: sigmoid(logit) of a bounded norm, |gamma| of a
+BatchNorm (`importances`). Where several norms cover one channel (a residual stream: every block's last
+norm adds into it; a depthwise conv between two norms) the channel's importance is the **maximum** over
+them: it may go only when it is unimportant everywhere. Positions no norm covers, and fixed positions,
+are always kept.
+
+By default only groups that are prunable, scored, and not streams are pruned (the paper prunes a
+ResNet's block-inner channels only). A stream is a group on which two data paths meet elementwise (a
+residual add) or that several channel-mixing layers read (a block input feeding a branch and a
+projection shortcut, a transformer's q/k/v). `prune_streams=True` adds streams, `allow_approximate=True`
+adds groups that a reduction runs over (LayerNorm over channels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from receding_jax.pruning.coupling import Coupling, Factor, Group
+
+Masks = dict[str, np.ndarray]
+SCOPES = ("global", "local")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredGroup:
+  """A group with its name and importances.
+
+  Attributes:
+    group: the coupling group.
+    name: the path of its first norm ('stage1_block0/norm1'), or 'leaf/path:axis' of its first member.
+    norms: (norm path, offset, channels) of every norm on it.
+    importance: float64 [size]; +inf where a channel must be kept (fixed or not covered by a norm).
+    stream: the group is a stream (`coupling.Group.stream`).
+  """
+
+  group: Group
+  name: str
+  norms: tuple[tuple[str, int, int], ...]
+  importance: np.ndarray
+  stream: bool
+
+  @property
+  def size(self) -> int:
+    return self.group.size
+
+
+def score_groups(coupling: Coupling, importances: Mapping[str, tuple[Any, np.ndarray]]) -> list[ScoredGroup]:
+  """Names and scores every group. `importances`: {norm path: (its scale leaf key, importance [C])}."""
+  norms: dict[int, list[tuple[str, int, int, np.ndarray]]] = {}
+  for path, (leaf, values) in importances.items():
+    factors = coupling.layouts.get(leaf, {}).get(0, ())
+    if len(factors) == 1 and factors[0].group >= 0:
+      f = factors[0]
+      norms.setdefault(f.group, []).append((path, f.offset, f.size, np.asarray(values, np.float64)))
+  out = []
+  for group in coupling.groups:
+    found = norms.get(group.index, [])
+    best = np.full(group.size, -np.inf)
+    covered = np.zeros(group.size, int)
+    for _, offset, size, values in found:
+      best[offset:offset + size] = np.maximum(best[offset:offset + size], values)
+      covered[offset:offset + size] += 1
+    importance = np.where((covered > 0) & ~group.fixed, best, np.inf)
+    if found:
+      name = found[0][0]
+    else:
+      leaf, axis = group.members[0]
+      name = f"{'/'.join(leaf)}:{axis}"
+    out.append(ScoredGroup(group, name, tuple((p, o, s) for p, o, s, _ in found), importance, group.stream))
+  return out
+
+
+def selected(groups: list[ScoredGroup], prune_streams: bool, allow_approximate: bool) -> list[ScoredGroup]:
+  """The groups a criterion prunes: scored, with a removable channel, prunable (or approximate if
+  allowed), and not streams unless `prune_streams`."""
+  statuses = ("prunable", "approximate") if allow_approximate else ("prunable",)
+  return [g for g in groups if g.norms and np.isfinite(g.importance).any() and g.group.status in statuses
+          and (prune_streams or not g.stream)]
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepRule:
+  """How many channels a group keeps at least: `min_channels`, and a multiple of `multiple` (both capped
+  at the group's width), the extra ones being the most important channels not kept yet."""
+
+  min_channels: int = 3
+  multiple: int = 1
+
+  def apply(self, importance: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    keep = keep | ~np.isfinite(importance)  # Fixed and unscored channels stay.
+    size = importance.size
+    need = min(max(self.min_channels, -(-int(keep.sum()) // self.multiple) * self.multiple), size)
+    if keep.sum() >= need:
+      return keep
+    order = np.argsort(-importance, kind="stable")
+    extra = order[~keep[order]][: need - int(keep.sum())]
+    keep = keep.copy()
+    keep[extra] = True
+    return keep
+
+
+def threshold_masks(groups: list[ScoredGroup], thresholds: Mapping[str, float], rule: KeepRule) -> Masks:
+  return {g.name: rule.apply(g.importance, g.importance > thresholds[g.name]) for g in groups}
+
+
+def ratio_masks(groups: list[ScoredGroup], ratio: float, scope: str, rule: KeepRule) -> Masks:
+  """Keep a channel iff its importance exceeds the `ratio`-quantile (of all selected groups' removable
+  channels, or of its own group's)."""
+  if ratio == 0.0 or not groups:
+    return {g.name: np.ones(g.size, bool) for g in groups}
+  finite = lambda g: g.importance[np.isfinite(g.importance)]  # noqa: E731
+  if scope == "global":
+    threshold = float(np.quantile(np.concatenate([finite(g) for g in groups]), ratio))
+    thresholds = {g.name: threshold for g in groups}
+  else:
+    thresholds = {g.name: float(np.quantile(finite(g), ratio)) for g in groups}
+  return threshold_masks(groups, thresholds, rule)
+
+
+def _kept_share(f: Factor, keep: Mapping[int, np.ndarray]) -> float:
+  if f.group not in keep:
+    return 1.0
+  return float(keep[f.group][f.offset:f.offset + f.size].sum()) / f.size
+
+
+def flop_model(coupling: Coupling) -> Callable[[Mapping[int, np.ndarray]], int]:
+  """Exact multiply-accumulates of the pruned function for any {group index: keep mask}: every conv and
+  dot product scales with the kept share of each channel factor it runs over."""
+  def flops(keep: Mapping[int, np.ndarray]) -> int:
+    total = 0.0
+    for macs, factors in coupling.macs:
+      share = 1.0
+      for f in factors:
+        share *= _kept_share(f, keep)
+      total += macs * share
+    return round(total)
+  return flops
+
+
+def flop_target_masks(
+    coupling: Coupling, groups: list[ScoredGroup], reduction: float, scope: str, rule: KeepRule
+) -> Masks:
+  """The smallest pruning ratio (bisection to 1e-4) whose masks cut MACs by at least `reduction`."""
+  flops = flop_model(coupling)
+  index = {g.name: g.group.index for g in groups}
+  count = lambda masks: flops({index[n]: m for n, m in masks.items()})  # noqa: E731
+  full = flops({})
+  target = (1.0 - reduction) * full
+  low, high = 0.0, 1.0 - 1e-9
+  best = ratio_masks(groups, high, scope, rule)
+  if count(best) > target:
+    raise ValueError(
+        f"a FLOP reduction of {reduction:g} is impossible with min_channels={rule.min_channels} and "
+        f"channel_multiple={rule.multiple}: at most {1 - count(best) / max(full, 1):.3f}"
+    )
+  while high - low > 1e-4:
+    mid = 0.5 * (low + high)
+    masks = ratio_masks(groups, mid, scope, rule)
+    if count(masks) <= target:
+      high, best = mid, masks
+    else:
+      low = mid
+  return best
+
+
+def check_ratio(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0.0 <= value < 1.0:
+    raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
+def choose(
+    coupling: Coupling, groups: list[ScoredGroup], *, ratio: float | None, flop_reduction: float | None,
+    threshold: float | None, scope: str, min_channels: int, channel_multiple: int,
+) -> Masks:
+  """Masks {group name: bool [size]} for the `groups` a criterion prunes (exactly one criterion)."""
+  if sum(c is not None for c in (ratio, flop_reduction, threshold)) != 1:
+    raise ValueError(
+        "give exactly one of ratio, flop_reduction, threshold; got "
+        f"ratio={ratio!r}, flop_reduction={flop_reduction!r}, threshold={threshold!r}"
+    )
+  if scope not in SCOPES:
+    raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+  for name, value in (("min_channels", min_channels), ("channel_multiple", channel_multiple)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+  rule = KeepRule(min_channels, channel_multiple)
+  if ratio is not None:
+    check_ratio("ratio", ratio)
+    return ratio_masks(groups, float(ratio), scope, rule)
+  if flop_reduction is not None:
+    check_ratio("flop_reduction", flop_reduction)
+    return flop_target_masks(coupling, groups, float(flop_reduction), scope, rule)
+  if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
+    raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+  return threshold_masks(groups, {g.name: float(threshold) for g in groups}, rule)

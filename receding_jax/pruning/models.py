@@ -1,0 +1,159 @@
+"""A model as pruning sees it: a pure function of its variables and inputs, for Linen and NNX alike.
+
+`trace(model, variables, inputs)` returns a `Traced`: the eval-mode apply function, the (wide)
+variables as one pytree, the input specs, the coupling analysis and the importances of its norms. Linen
+models run ``model.apply(variables, *inputs, **eval_kwargs)``, where eval_kwargs are found from the
+signature of ``__call__`` (``train=False``, ``training=False``, ``deterministic=True``,
+``use_running_average=True``; ``apply_kwargs`` overrides). NNX models run a clone switched to
+``eval()``; their variables are ``nnx.state(model)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+
+from receding_jax.importances import neuron_importances
+from receding_jax.pruning.coupling import Coupling, analyze
+from receding_jax.pruning.criteria import ScoredGroup, score_groups
+from receding_jax.pruning.rebuild import record_linen_layers
+from receding_jax.selection import leaf_names
+
+EVAL_KWARGS = {"train": False, "training": False, "deterministic": True, "use_running_average": True}
+LINEN_COLLECTIONS = ("params", "batch_stats")
+
+
+@dataclasses.dataclass(frozen=True)
+class Traced:
+  """Everything pruning needs about one model (see the module docstring)."""
+
+  model: Any
+  kind: str  # 'linen' or 'nnx'
+  apply: Callable[..., Any]
+  variables: Any
+  inputs: tuple[jax.ShapeDtypeStruct, ...]
+  coupling: Coupling
+  groups: list[ScoredGroup]
+  linen_layers: dict[tuple[str, ...], nn.Module]
+
+  def group(self, name: str) -> ScoredGroup:
+    for g in self.groups:
+      if g.name == name:
+        return g
+    raise KeyError(name)
+
+
+def input_specs(model: Any, inputs: Any) -> tuple[jax.ShapeDtypeStruct, ...]:
+  """`inputs` (an array, a ShapeDtypeStruct, or a tuple of them) as specs; default one float32 input of
+  shape [1, *model.input_shape]."""
+  if inputs is None:
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+      raise ValueError(f"{type(model).__name__} has no input_shape attribute: pass inputs= (an example input "
+                       "or a jax.ShapeDtypeStruct, with its batch axis)")
+    return (jax.ShapeDtypeStruct((1, *tuple(shape)), jnp.float32),)
+  items = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+  out = []
+  for item in items:
+    if not hasattr(item, "shape") or not hasattr(item, "dtype"):
+      raise ValueError(f"inputs must be arrays or jax.ShapeDtypeStructs, got {type(item).__name__}")
+    out.append(jax.ShapeDtypeStruct(tuple(item.shape), item.dtype))
+  return tuple(out)
+
+
+def eval_kwargs(model: nn.Module, apply_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+  """The keyword arguments that put `model.__call__` in inference mode, then `apply_kwargs`."""
+  try:
+    names = inspect.signature(type(model).__call__).parameters
+  except (TypeError, ValueError):
+    names = {}
+  found = {k: v for k, v in EVAL_KWARGS.items() if k in names}
+  return {**found, **dict(apply_kwargs or {})}
+
+
+def _linen_apply(model: nn.Module, kwargs: Mapping[str, Any]) -> Callable[..., Any]:
+  def apply(variables, *inputs):
+    return model.apply(variables, *inputs, **kwargs)
+  return apply
+
+
+def abstract_linen_variables(model: nn.Module, inputs: Sequence[jax.ShapeDtypeStruct],
+                             kwargs: Mapping[str, Any]) -> dict[str, Any]:
+  """Shapes of the variables `model.init` creates (nothing is computed)."""
+  variables = jax.eval_shape(lambda *x: model.init(jax.random.key(0), *x, **kwargs), *inputs)
+  return {k: v for k, v in variables.items() if k in LINEN_COLLECTIONS}
+
+
+def check_linen_variables(model: nn.Module, variables: Any, expected: Mapping[str, Any]) -> dict[str, Any]:
+  """`variables` (params, batch_stats) checked leaf by leaf against `expected`; ValueError names the first
+  missing, extra or misshapen leaf."""
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    raise ValueError(f"Linen variables must be a dict with 'params', got {type(variables).__name__}")
+  given = traverse_util.flatten_dict({k: v for k, v in dict(variables).items() if k in LINEN_COLLECTIONS})
+  want = traverse_util.flatten_dict(dict(expected))
+  name = type(model).__name__
+  for key, spec in want.items():
+    if key not in given:
+      raise ValueError(f"the variables lack {'/'.join(key)}, which {name} has")
+    if tuple(np.shape(given[key])) != tuple(spec.shape):
+      raise ValueError(f"{'/'.join(key)} has shape {tuple(np.shape(given[key]))}, {name} expects {spec.shape}")
+  extra = sorted("/".join(k) for k in given if k not in want)
+  if extra:
+    raise ValueError(f"the variables have leaves that {name} does not: {extra[:5]}")
+  return traverse_util.unflatten_dict(given)
+
+
+def _norm_importances(variables: Any, prefix: tuple[str, ...]) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+  """{norm path: (its scale leaf name, importance)}; empty when the model has no norm. Abstract variables
+  (shapes only) score zero."""
+  abstract = lambda x: np.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x  # noqa: E731
+  variables = jax.tree.map(abstract, variables)
+  try:
+    found = neuron_importances(variables)
+  except ValueError:
+    return {}
+  names = set(leaf_names(variables))
+  out = {}
+  for path, values in found.items():
+    module = tuple(path.split("/")) if path else ()
+    for leaf_name in ("scale_logit", "scale"):
+      leaf = (*prefix, *module, leaf_name)
+      if leaf in names:
+        out[path] = (leaf, np.asarray(values))
+        break
+  return out
+
+
+def trace(model: Any, variables: Any = None, inputs: Any = None,
+          apply_kwargs: Mapping[str, Any] | None = None) -> Traced:
+  """Analyses `model` (Linen with `variables`, or NNX) on `inputs`; see the module docstring."""
+  specs = input_specs(model, inputs)
+  if isinstance(model, nnx.Module):
+    if variables is not None:
+      raise ValueError("an NNX model holds its variables: call with the model alone (variables=None)")
+    clone = nnx.clone(model)
+    clone.eval()
+    graphdef, state = nnx.split(clone)
+    apply = lambda s, *x: nnx.merge(graphdef, s)(*x, **dict(apply_kwargs or {}))  # noqa: E731
+    coupling = analyze(apply, state, *specs)
+    groups = score_groups(coupling, _norm_importances(state, ()))
+    return Traced(model, "nnx", apply, state, specs, coupling, groups, {})
+  if not isinstance(model, nn.Module):
+    raise TypeError(f"prune a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}")
+  kwargs = eval_kwargs(model, apply_kwargs)
+  expected = abstract_linen_variables(model, specs, kwargs)
+  variables = expected if variables is None else check_linen_variables(model, variables, expected)
+  layers: dict[tuple[str, ...], nn.Module] = {}
+  apply = _linen_apply(model, kwargs)
+  with nn.intercept_methods(record_linen_layers(layers)):
+    coupling = analyze(apply, variables, *specs)
+  groups = score_groups(coupling, _norm_importances(variables, ("params",)))
+  return Traced(model, "linen", apply, variables, specs, coupling, groups, layers)

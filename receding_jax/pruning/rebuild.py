@@ -1,0 +1,158 @@
+"""The narrow model: the same code with narrower layers, for Linen and NNX.
+
+Linen layers take their widths from attributes (``features``) and refuse parameters of other shapes. The
+narrow Linen model is therefore the original module under a dynamic subclass that, whenever it is
+initialised or applied, rewrites the width attributes of the layers pruning narrowed (by module path,
+through `flax.linen.intercept_methods`): `features` of Conv/ConvTranspose/Dense/DenseGeneral/Embed, and
+a depthwise conv's `feature_group_count`. It works with `apply`, `init`, `jit`, `grad` and train mode;
+widths that the model's own code computes from its attributes (a reshape to a hard-coded head count)
+cannot be rewritten, and `prune_params`' check then refuses the result. The rewrites are plain JSON
+({module path: {attribute: value}}), which is what pruned checkpoints store.
+
+NNX modules hold their parameters: the narrow model is a clone whose Variables are replaced by the
+sliced ones and whose layers' width attributes are set from their new shapes; the original is untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import numpy as np
+from flax import nnx
+
+Overrides = dict[str, dict[str, Any]]  # {'block/conv1': {'features': 12}}
+LINEN_LAYERS = (nn.Conv, nn.ConvTranspose, nn.ConvLocal, nn.Dense, nn.DenseGeneral, nn.Embed)
+
+
+def record_linen_layers(layers: dict[tuple[str, ...], nn.Module]):
+  """An interceptor that records every Linen layer of `LINEN_LAYERS` called, by its scope path."""
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if isinstance(module, LINEN_LAYERS) and module.scope is not None:
+      layers.setdefault(tuple(module.scope.path), module)
+    return next_fun(*args, **kwargs)
+  return interceptor
+
+
+def _shape(tree: Mapping[str, Any], *keys: str) -> tuple[int, ...] | None:
+  node: Any = tree
+  for key in keys:
+    if not isinstance(node, Mapping) or key not in node:
+      return None
+    node = node[key]
+  return tuple(np.shape(node))
+
+
+def linen_overrides(layers: Mapping[tuple[str, ...], nn.Module], params: Mapping[str, Any]) -> Overrides:
+  """The width attributes of every recorded layer whose parameters in `params` (narrow) differ from its
+  attributes: {module path: {attribute: new value}}."""
+  out: Overrides = {}
+  for path, layer in layers.items():
+    leaf = "embedding" if isinstance(layer, nn.Embed) else "kernel"
+    shape = _shape(params, *path, leaf)
+    if shape is None:
+      continue
+    new: dict[str, Any] = {}
+    if isinstance(layer, nn.DenseGeneral):
+      features = layer.features
+      value = shape[-1] if isinstance(features, int) else tuple(shape[-len(features):])
+      if value != features:
+        new["features"] = value
+    elif shape[-1] != layer.features:
+      new["features"] = shape[-1]
+      groups = getattr(layer, "feature_group_count", 1)
+      if groups > 1:
+        new["feature_group_count"] = shape[-1] // (layer.features // groups)
+    if new:
+      out["/".join(path)] = {k: list(v) if isinstance(v, tuple) else v for k, v in new.items()}
+  return out
+
+
+def _as_attribute(value: Any) -> Any:
+  return tuple(value) if isinstance(value, list) else value
+
+
+def narrow_linen(model: nn.Module, overrides: Mapping[str, Mapping[str, Any]]) -> nn.Module:
+  """`model` whose layers at the paths in `overrides` get those attributes whenever it runs."""
+  base = getattr(type(model), "_pruned_base", type(model))
+  table = {tuple(p.split("/")) if p else (): {k: _as_attribute(v) for k, v in a.items()}
+           for p, a in overrides.items()}
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    spec = table.get(tuple(module.scope.path)) if module.scope is not None else None
+    for attribute, value in (spec or {}).items():
+      object.__setattr__(module, attribute, value)
+    return next_fun(*args, **kwargs)
+
+  def entry(name: str):
+    method = getattr(base, name)
+
+    def run(self, *args, **kwargs):
+      with nn.intercept_methods(interceptor):
+        return method(self, *args, **kwargs)
+    run.__name__ = name
+    return nn.nowrap(run)
+
+  namespace = {name: entry(name) for name in ("apply", "init", "init_with_output")}
+  namespace.update(_pruned_base=base, pruned_overrides={p: dict(a) for p, a in overrides.items()},
+                   __module__=base.__module__, __qualname__=f"Pruned{base.__qualname__}")
+  narrow_cls = type(f"Pruned{base.__name__}", (base,), namespace)
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+            if f.init and f.name not in ("parent", "name")}
+  return narrow_cls(**fields, parent=None, name=model.name)
+
+
+def _nnx_array(module: nnx.Module, name: str) -> tuple[int, ...] | None:
+  value = getattr(module, name, None)
+  return tuple(value.get_value().shape) if isinstance(value, nnx.Variable) and value.get_value() is not None else None
+
+
+def _fix_nnx_conv(module: nnx.Conv | nnx.ConvTranspose, multiplier: int) -> None:
+  shape = _nnx_array(module, "kernel")
+  if module.feature_group_count > 1:
+    module.feature_group_count = shape[-1] // multiplier
+  module.in_features = shape[-2] * module.feature_group_count
+  module.out_features = shape[-1]
+  module.kernel_shape = shape
+
+
+def _fix_nnx_module(module: nnx.Module, multiplier: int) -> None:
+  if isinstance(module, (nnx.Conv, nnx.ConvTranspose)):
+    _fix_nnx_conv(module, multiplier)
+  elif isinstance(module, nnx.Linear):
+    module.in_features, module.out_features = _nnx_array(module, "kernel")
+  elif isinstance(module, nnx.LinearGeneral):
+    shape = _nnx_array(module, "kernel")
+    n_in = len(module.in_features)
+    module.in_features, module.out_features = shape[:n_in], shape[n_in:]
+  elif isinstance(module, nnx.Embed):
+    module.features = _nnx_array(module, "embedding")[-1]
+  elif isinstance(module, nnx.MultiHeadAttention):
+    _, module.num_heads, module.head_dim = _nnx_array(module.query, "kernel")
+    module.qkv_features = module.num_heads * module.head_dim
+    module.out_features = _nnx_array(module.out, "kernel")[-1]
+  if hasattr(module, "num_features"):
+    for name in ("scale", "scale_logit", "bias", "mean", "var"):
+      shape = _nnx_array(module, name)
+      if shape:
+        module.num_features = shape[-1]
+        break
+
+
+def narrow_nnx(model: nnx.Module, narrow_state: nnx.State) -> nnx.Module:
+  """A clone of `model` holding `narrow_state` (same structure, narrower arrays), width attributes set."""
+  clone = nnx.clone(model)
+  multipliers = {path: m.out_features // m.feature_group_count for path, m in nnx.iter_modules(clone)
+                 if isinstance(m, (nnx.Conv, nnx.ConvTranspose))}
+  nnx.update(clone, narrow_state)
+  for path, module in nnx.iter_modules(clone):
+    _fix_nnx_module(module, multipliers.get(path, 1))
+  return clone
+
+
+
+
