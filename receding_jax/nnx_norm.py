@@ -14,13 +14,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from receding_jax.norm import (
-    Axes,
-    batch_moments,
-    bounded_scale,
-    canonicalize_axes,
-    normalize,
-    update_running_average,
+  Axes,
+  batch_moments,
+  bounded_scale,
+  canonicalize_axes,
+  normalize,
+  update_running_average,
 )
+
+#: Logits ~ Normal(0, 1), as the Linen module (METHOD.md section 4).
+DEFAULT_LOGIT_INIT = nnx.initializers.normal(stddev=1.0)
 
 
 class NnxBoundedScaleNorm(nnx.Module):
@@ -45,7 +48,7 @@ class NnxBoundedScaleNorm(nnx.Module):
       dtype: Any = None,
       param_dtype: Any = jnp.float32,
       use_bias: bool = False,
-      logit_init: nnx.Initializer = nnx.initializers.normal(stddev=1.0),
+      logit_init: nnx.Initializer = DEFAULT_LOGIT_INIT,
       bias_init: nnx.Initializer = nnx.initializers.zeros,
       axis_name: str | None = None,
       axis_index_groups: Any = None,

@@ -3,9 +3,12 @@
     python -m receding_jax.prune_checkpoint --checkpoint_dir=RUN/checkpoints --output_dir=RUN/pruned50 \\
         --ratio=0.5 [--scope=global] [--min_channels=3] [--step=N]
 
-Instead of --ratio: --flop_reduction=0.7 or --threshold=0.01. The output holds step 0 with the
-narrow model's params and batch_stats and a model spec with its widths, so it restores and evaluates
-with `checkpointing.restore` + `models.model_from_spec` without the original. Prints the
+Instead of --ratio: --flop_reduction=0.7 or --threshold=0.01. A model outside the zoo is named by its
+factory: --model=my_package.nets:make_net (a function returning the Linen module; give
+--input_shape=32,32,3 unless the module has an input_shape attribute). --prune_streams also prunes residual
+streams. The output holds step 0 with the narrow model's params and batch_stats and a model spec with the
+narrowed widths by module path, so it restores and evaluates with `checkpointing.restore` +
+`training.model_specs.build_model` without the original. Prints the
 parameter/FLOP table and writes it to OUTPUT_DIR/pruning_report.json. Only parses flags: the work is
 `receding_jax.training.pruned_checkpoint.prune_checkpoint`.
 """
@@ -16,6 +19,18 @@ import argparse
 
 from receding_jax import pruning
 from receding_jax.training.pruned_checkpoint import format_report, prune_checkpoint
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+  if text is None:
+    return None
+  try:
+    shape = tuple(int(v) for v in text.split(","))
+  except ValueError:
+    shape = ()
+  if not shape or min(shape) < 1:
+    raise SystemExit(f"error: --input_shape must be positive ints separated by commas, got {text!r}")
+  return shape
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,12 +45,16 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--scope", choices=pruning.SCOPES, default="global")
   parser.add_argument("--min_channels", type=int, default=3)
   parser.add_argument("--channel_multiple", type=int, default=1, help="round kept widths up to a multiple")
+  parser.add_argument("--prune_streams", action="store_true", help="also prune residual streams")
+  parser.add_argument("--model", default=None, help="module:function building the model (outside the zoo)")
+  parser.add_argument("--input_shape", default=None, help="one input's shape without batch, e.g. 32,32,3")
   args = parser.parse_args(argv)
   try:
     report = prune_checkpoint(
         args.checkpoint_dir, args.output_dir, step=args.step, ratio=args.ratio, scope=args.scope,
         min_channels=args.min_channels, flop_reduction=args.flop_reduction, threshold=args.threshold,
-        channel_multiple=args.channel_multiple,
+        channel_multiple=args.channel_multiple, prune_streams=args.prune_streams, model_factory=args.model,
+        input_shape=_shape(args.input_shape),
     )
   except (FileExistsError, FileNotFoundError, ValueError) as e:  # Bad input or a damaged checkpoint: one line.
     parser.exit(2, f"error: {e}\n")

@@ -13,7 +13,7 @@ import pytest
 
 from receding_jax import prune_params, pruning
 from receding_jax.models import get_model, model_from_spec
-from receding_jax.training import checkpointing
+from receding_jax.training import checkpointing, model_specs
 from receding_jax.training import optimizer as recipe
 from receding_jax.training.pruned_checkpoint import format_report, prune_checkpoint
 
@@ -47,21 +47,21 @@ def recede(model, variables, seed=1):
   """Drives the importance of a random ~40% of each group's channels to exactly zero (logit -1e4, or
   gamma = beta = 0); returns the new variables and the masks of the channels left alive."""
   rng = np.random.default_rng(seed)
-  arch = pruning.describe(model)
+  widths = pruning.group_widths(model, variables)
   variables = jax.tree.map(np.copy, variables)
   alive = {}
-  for group, width in zip(arch.groups, arch.widths, strict=True):
+  for group, width in widths.items():
     mask = rng.uniform(size=width) > 0.4
     mask[rng.integers(width)] = True
     node = variables["params"]
-    for name in group.norm:
+    for name in group.split("/"):
       node = node[name]
     if "scale_logit" in node:
       node["scale_logit"][~mask] = -1e4
     else:
       node["scale"][~mask] = 0.0
       node["bias"][~mask] = 0.0
-    alive[group.name] = mask
+    alive[group] = mask
   return variables, alive
 
 
@@ -76,7 +76,7 @@ def test_pruning_receded_channels_keeps_the_eval_logits(name, norm):
   masks = pruning.channel_masks(model, variables, threshold=0.0, min_channels=1)
   assert {k: v.tolist() for k, v in masks.items()} == {k: v.tolist() for k, v in alive.items()}
   narrow_model, narrow_variables = prune_params(model, variables, masks=masks)
-  assert pruning.describe(narrow_model).widths == tuple(int(m.sum()) for m in alive.values())
+  assert pruning.group_widths(narrow_model, narrow_variables) == {k: int(m.sum()) for k, m in alive.items()}
   x = jax.random.normal(jax.random.key(0), (2, *model.input_shape))
   expected = model.apply(variables, x)
   got = narrow_model.apply(narrow_variables, x)
@@ -116,7 +116,7 @@ def test_ratio_zero_returns_the_same_architecture_and_variables():
   model = get_model("cifar_resnet20", 10, width_multiplier=0.5)
   variables = trained_looking(model)
   narrow_model, narrow_variables = prune_params(model, variables, 0.0)
-  assert narrow_model.widths == model.widths
+  assert pruning.group_widths(narrow_model, narrow_variables) == pruning.group_widths(model, variables)
   jax.tree.map(np.testing.assert_array_equal, narrow_variables, variables)
 
 
@@ -132,7 +132,7 @@ def test_pruning_twice_composes_into_one_pruning():
     combined[name] = mask.copy()
     combined[name][np.flatnonzero(mask)] = second[name]
   once_model, once_variables = prune_params(model, variables, masks=combined)
-  assert once_model.widths == twice_model.widths
+  assert pruning.group_widths(once_model, once_variables) == pruning.group_widths(twice_model, twice_variables)
   jax.tree.map(np.testing.assert_array_equal, once_variables, twice_variables)
 
 
@@ -142,7 +142,8 @@ def test_full_size_widths_and_counts_after_pruning(name, ratio):
   model = get_model(name, 10)
   variables = trained_looking(model)
   narrow_model, narrow_variables = prune_params(model, variables, ratio)
-  widths, narrow_widths = pruning.describe(model).widths, pruning.describe(narrow_model).widths
+  widths = list(pruning.group_widths(model, variables).values())
+  narrow_widths = list(pruning.group_widths(narrow_model, narrow_variables).values())
   kept = sum(narrow_widths) / sum(widths)
   assert abs(kept - (1 - ratio)) < 0.01 + 3 * len(widths) / sum(widths)  # min_channels may add a few.
   assert min(narrow_widths) >= 3
@@ -151,7 +152,7 @@ def test_full_size_widths_and_counts_after_pruning(name, ratio):
   assert pruning.count_params(narrow_variables) == pruning.count_params(rebuilt)
   flops, narrow_flops = pruning.count_flops(model), pruning.count_flops(narrow_model)
   masks = pruning.channel_masks(model, variables, ratio)
-  assert pruning.flop_model(model)(masks) == narrow_flops
+  assert pruning.count_flops(model, variables=variables, masks=masks) == narrow_flops
   if name == "cifar_vgg16":  # Every conv loses inputs and outputs: FLOPs fall about as kept^2.
     assert kept**2 * 0.8 < narrow_flops / flops < kept
   else:  # Only the inner width of each block: FLOPs fall linearly with kept channels.
@@ -161,7 +162,7 @@ def test_full_size_widths_and_counts_after_pruning(name, ratio):
 def test_flop_reduction_target_is_reached_with_the_smallest_ratio():
   model = get_model("cifar_vgg16", 10, width_multiplier=0.25)
   variables = trained_looking(model)
-  flops = pruning.flop_model(model)
+  flops = lambda masks: pruning.count_flops(model, variables=variables, masks=masks)
   full = pruning.count_flops(model)
   masks = pruning.channel_masks(model, variables, flop_reduction=0.6)
   assert flops(masks) <= 0.4 * full
@@ -372,10 +373,12 @@ def test_command_line_pruning_of_a_checkpoint_restores_and_evaluates_without_the
   assert report["source_step"] == 2 and report["params_after"] < report["params_before"]
 
   state, narrow_spec = checkpointing.restore(checkpointing.make_manager(tmp_path / "pruned", create=False))
-  narrow_model = model_from_spec(narrow_spec)
-  assert list(narrow_model.widths) == report["widths_after"]
+  narrow_model = model_specs.build_model(narrow_spec)
+  assert "pruned" in narrow_spec and "widths" not in narrow_spec["overrides"]  # Widths by path, in JSON.
+  narrow_variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  assert list(pruning.group_widths(narrow_model, narrow_variables).values()) == report["widths_after"]
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  narrow = narrow_model.apply({"params": state["params"], "batch_stats": state["batch_stats"]}, x)
+  narrow = narrow_model.apply(narrow_variables, x)
   np.testing.assert_allclose(narrow, model.apply(variables, x), rtol=1e-4, atol=1e-5)
   assert pruning.count_flops(narrow_model) == report["flops_after"]
 

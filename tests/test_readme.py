@@ -58,7 +58,8 @@ def test_readme_block_runs(line, code):
     assert [bool(x) for x in jax.tree.leaves(mask)].count(True) == 1
   if "narrow_model" in ns:  # The pruning example: narrower, smaller, and its state fits its variables.
     model, narrow_model = ns["model"], ns["narrow_model"]
-    assert sum(pruning.describe(narrow_model).widths) < sum(pruning.describe(model).widths)
+    narrow_widths = pruning.group_widths(narrow_model, ns["narrow_vars"])
+    assert sum(narrow_widths.values()) < sum(pruning.group_widths(model, ns["variables"]).values())
     assert count_params(ns["narrow_vars"]) < count_params(ns["variables"])
     logits = narrow_model.apply(ns["narrow_vars"], ns["images"], train=False)
     assert logits.shape == (8, 10) and bool(np.isfinite(logits).all())

@@ -39,7 +39,7 @@ def load_config(path: pathlib.Path):
 def run_main(workdir, *flags, devices=1, check=True, extra_env=None, wait=True):
   """Runs `python -m receding_jax.main` on the quickstart config in a fresh interpreter."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", **(extra_env or {})}
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
   cmd = [sys.executable, "-m", "receding_jax.main", f"--config={QUICKSTART}", f"--workdir={workdir}", *flags]
   if not wait:
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -240,7 +240,8 @@ def test_eight_devices_train_like_one_on_the_same_batches(eight_devices_vs_one, 
 
 @pytest.fixture(scope="module")
 def eight_devices_vs_one():
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"}
   result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES_VS_ONE, str(QUICKSTART)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-5000:]

@@ -34,10 +34,34 @@ def count_params(variables: PyTree) -> int:
   return int(sum(np.size(leaf) for leaf in jax.tree.leaves(params)))
 
 
-def count_flops(model: Any, inputs: Any = None, *, apply_kwargs: Mapping[str, Any] | None = None) -> int:
+def count_flops(model: Any, inputs: Any = None, *, variables: PyTree = None, masks: Mapping[str, Any] | None = None,
+                apply_kwargs: Mapping[str, Any] | None = None) -> int:
   """Multiply-accumulates of the convolutions and dot products for `inputs` (default: one input of the
-  model's ``input_shape``), counted from the traced computation (norms and activations are not counted)."""
-  return int(sum(macs for macs, _ in trace(model, None, inputs, apply_kwargs).coupling.macs))
+  model's ``input_shape``), counted from the traced computation (norms and activations are not counted).
+  With `masks` (and the Linen `variables` they were chosen on): the MACs of the model pruned by them."""
+  traced = trace(model, variables, inputs, apply_kwargs)
+  keep = check_masks(traced, masks, allow_approximate=True) if masks is not None else {}
+  return criteria.flop_model(traced.coupling)(keep)
+
+
+def _selected(model: Any, variables: PyTree, inputs: Any, prune_streams: bool, allow_approximate: bool,
+              apply_kwargs: Mapping[str, Any] | None) -> list[criteria.ScoredGroup]:
+  return criteria.selected(trace(model, variables, inputs, apply_kwargs).groups, prune_streams, allow_approximate)
+
+
+def group_importances(model: Any, variables: PyTree = None, *, inputs: Any = None, prune_streams: bool = False,
+                      allow_approximate: bool = False, apply_kwargs: Mapping[str, Any] | None = None,
+                      ) -> dict[str, np.ndarray]:
+  """{group name: importance [channels]} of the groups a criterion prunes (+inf: a channel that stays)."""
+  return {g.name: g.importance for g in _selected(model, variables, inputs, prune_streams, allow_approximate,
+                                                  apply_kwargs)}
+
+
+def group_widths(model: Any, variables: PyTree = None, *, inputs: Any = None, prune_streams: bool = False,
+                 allow_approximate: bool = False, apply_kwargs: Mapping[str, Any] | None = None) -> dict[str, int]:
+  """{group name: channels} of the groups a criterion prunes (a narrow model has the same names)."""
+  return {g.name: g.size for g in _selected(model, variables, inputs, prune_streams, allow_approximate,
+                                            apply_kwargs)}
 
 
 def channel_masks(
@@ -146,7 +170,7 @@ def verify(traced: Traced, keep: Mapping[int, np.ndarray], narrow_model: Any, na
   reference = traced.apply(slicing.zero_tree(traced.variables, traced.coupling, keep), *inputs)
   try:
     outputs = _apply_narrow(traced, narrow_model, narrow_variables, inputs)
-  except Exception as e:  # noqa: BLE001 - any failure of the user's model is reported as bad pruning.
+  except Exception as e:
     raise ValueError(f"the narrow model does not run: {str(e).splitlines()[0]}") from e
   scale = max(1.0, max(float(jnp.max(jnp.abs(r))) for r in jax.tree.leaves(reference)))
   worst = max(float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))

@@ -120,7 +120,7 @@ def _walk(jaxpr, rel: Relations, scopes: list[int]) -> None:
       rel.set_kind(var, kind)
     sub = _sub_jaxpr(eqn)
     if sub is not None:
-      body, consts = sub
+      body, _ = sub
       outer_in, outer_out = [rel.axes(v) for v in eqn.invars], [rel.axes(v) for v in eqn.outvars]
       kinds = [rel.kind(v) for v in eqn.invars]
       saved, rel.scope = rel.scope, scopes[0]
@@ -312,7 +312,7 @@ def _build(rel: Relations, param_nodes: list[tuple[LeafKey, list[int]]], leaves:
   res = _resolve(rel, cls, compositions, spoiled)
   spans = _group_spans(res, rel.sizes)
   fixed, reasons, approximate = _mark(rel, cls, res, spans)
-  _is_group = lambda root: root not in res.ignored and spans[root][1] - spans[root][0] > 1  # noqa: E731
+  _is_group = lambda root: root not in res.ignored and spans[root][1] - spans[root][0] > 1
   index: dict[int, int] = {}
   raw_layouts: dict[LeafKey, dict[int, list[tuple[int, int, int, int]]]] = {}
   for leaf, nodes in param_nodes:

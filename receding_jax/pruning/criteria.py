@@ -114,7 +114,7 @@ def ratio_masks(groups: list[ScoredGroup], ratio: float, scope: str, rule: KeepR
   channels, or of its own group's)."""
   if ratio == 0.0 or not groups:
     return {g.name: np.ones(g.size, bool) for g in groups}
-  finite = lambda g: g.importance[np.isfinite(g.importance)]  # noqa: E731
+  finite = lambda g: g.importance[np.isfinite(g.importance)]
   if scope == "global":
     threshold = float(np.quantile(np.concatenate([finite(g) for g in groups]), ratio))
     thresholds = {g.name: threshold for g in groups}
@@ -149,7 +149,7 @@ def flop_target_masks(
   """The smallest pruning ratio (bisection to 1e-4) whose masks cut MACs by at least `reduction`."""
   flops = flop_model(coupling)
   index = {g.name: g.group.index for g in groups}
-  count = lambda masks: flops({index[n]: m for n, m in masks.items()})  # noqa: E731
+  count = lambda masks: flops({index[n]: m for n, m in masks.items()})
   full = flops({})
   target = (1.0 - reduction) * full
   low, high = 0.0, 1.0 - 1e-9

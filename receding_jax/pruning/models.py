@@ -114,7 +114,7 @@ def check_linen_variables(model: nn.Module, variables: Any, expected: Mapping[st
 def _norm_importances(variables: Any, prefix: tuple[str, ...]) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
   """{norm path: (its scale leaf name, importance)}; empty when the model has no norm. Abstract variables
   (shapes only) score zero."""
-  abstract = lambda x: np.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x  # noqa: E731
+  abstract = lambda x: np.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x
   variables = jax.tree.map(abstract, variables)
   try:
     found = neuron_importances(variables)
@@ -142,7 +142,7 @@ def trace(model: Any, variables: Any = None, inputs: Any = None,
     clone = nnx.clone(model)
     clone.eval()
     graphdef, state = nnx.split(clone)
-    apply = lambda s, *x: nnx.merge(graphdef, s)(*x, **dict(apply_kwargs or {}))  # noqa: E731
+    apply = lambda s, *x: nnx.merge(graphdef, s)(*x, **dict(apply_kwargs or {}))
     coupling = analyze(apply, state, *specs)
     groups = score_groups(coupling, _norm_importances(state, ()))
     return Traced(model, "nnx", apply, state, specs, coupling, groups, {})

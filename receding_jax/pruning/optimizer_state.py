@@ -5,9 +5,10 @@ parameters' structure, wrapped in the transforms' own containers (tuples of `opt
 `inner_states` of `optax.multi_transform`, `optax.masked`'s state). Inside `multi_transform` and
 `masked` the leaves a transform does not own are `optax.MaskedNode()`, which has no leaves of its own;
 a subtree therefore *mirrors* the parameters when, with `MaskedNode` counted as a leaf, its structure is
-the parameters' (or, for NNX, whose optimizer wraps each `Param` in an `OptVariable`, its leaf names are). Such subtrees are sliced leaf by leaf (MaskedNodes stay); every other leaf is kept as
-it is unless it has the shape of a parameter that pruning changes, in which case the state cannot be
-sliced faithfully and ValueError names it. Architecture-free: the slicing itself is a callback.
+the parameters' (or, for NNX, whose optimizer wraps each `Param` in an `OptVariable`, its leaf names
+are). Such subtrees are sliced leaf by leaf (MaskedNodes stay); every other leaf is kept as it is unless
+it has the shape of a parameter that pruning changes, in which case the state cannot be sliced faithfully
+and ValueError names it. Architecture-free: the slicing itself is a callback.
 """
 
 from __future__ import annotations

@@ -14,8 +14,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from receding_jax.importances import importance_summary, neuron_importances
-from receding_jax.models import model_from_spec
-from receding_jax.training import checkpointing, console, data, metric_writer, splits, workdir, workdir_files
+from receding_jax.training import (
+    checkpointing,
+    console,
+    data,
+    metric_writer,
+    model_specs,
+    splits,
+    workdir,
+    workdir_files,
+)
 from receding_jax.training.config import model_spec, validate_config
 from receding_jax.training.optimizer import learning_rate_schedule
 from receding_jax.training.steps import State, Trainer, make_mesh, make_trainer
@@ -50,7 +58,7 @@ def evaluate_variables(config: ml_collections.ConfigDict, spec: Mapping[str, Any
   placement = data.choose_placement(config, shards)
   mesh = make_mesh()
   feeds = {r: data.eval_feed(config, shards[r], mesh, placement, r) for r in roles}
-  trainer = make_trainer(config, model_from_spec(spec), 1, mesh, prepare_eval=feeds[roles[0]].prepare)
+  trainer = make_trainer(config, model_specs.build_model(spec), 1, mesh, prepare_eval=feeds[roles[0]].prepare)
   state = jax.device_put({k: variables[k] for k in ("params", "batch_stats")}, NamedSharding(mesh, P()))
   return evaluate_feeds(trainer, state, feeds)
 
@@ -139,7 +147,7 @@ def _train_and_evaluate(
   # paper's convention: the best test accuracy over epochs).
   every_epoch = {r: eval_feeds[r] for r in roles if r == roles[0] or config.eval_test_every_epoch}
   steps_per_epoch = train_feed.steps
-  trainer = make_trainer(config, model_from_spec(spec), steps_per_epoch, mesh, prepare=train_feed.prepare,
+  trainer = make_trainer(config, model_specs.build_model(spec), steps_per_epoch, mesh, prepare=train_feed.prepare,
                          prepare_eval=eval_feeds[roles[0]].prepare)
   manager_factory = lambda: checkpointing.make_manager(
       workdir.checkpoint_dir(workdir_path), keep_last=config.checkpoint.keep_last,

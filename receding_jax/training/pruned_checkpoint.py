@@ -1,9 +1,10 @@
 """A pruned copy of a checkpoint: the narrow network saved as a new, self-contained checkpoint, and its report.
 
-The output holds step 0 with the narrow model's params and batch_stats and a model spec with its widths,
-so it restores and evaluates with `checkpointing.restore` + `models.model_from_spec` without the original;
-beside it ``pruning_report.json`` (`workdir.write_report`): parameters, FLOPs and widths before and after,
-and the criterion. Used by the experiment's prune phase and by ``python -m receding_jax.prune_checkpoint``.
+The output holds step 0 with the narrow model's params and batch_stats and a model spec with the narrowed
+layers' widths by path (``pruned``), so it restores and evaluates with `checkpointing.restore` +
+`model_specs.build_model` without the original; beside it ``pruning_report.json``
+(`workdir.write_report`): parameters, FLOPs and group widths before and after, and the criterion. Used
+by the experiment's prune phase and by ``python -m receding_jax.prune_checkpoint``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import jax
 import numpy as np
 
 from receding_jax import pruning
-from receding_jax.models import model_from_spec
-from receding_jax.training import checkpointing, workdir_files
+from receding_jax.training import checkpointing, model_specs, workdir_files
 from receding_jax.training import workdir as wd
 
 
@@ -32,10 +32,16 @@ def prune_checkpoint(
     flop_reduction: float | None = None,
     threshold: float | None = None,
     channel_multiple: int = 1,
+    prune_streams: bool = False,
+    model_factory: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
   """Prunes the checkpoint at `checkpoint_dir` (step `step`, default newest) into `output_dir`.
 
-  Everything is checked (output free, checkpoint readable, criterion valid) before anything is written.
+  `model_factory` ('module:function', returning a Linen module) builds the model instead of the checkpoint's
+  own spec (a model outside the zoo); `input_shape` (one input, no batch axis) is the shape pruning traces
+  with when the model has no ``input_shape`` attribute. Everything is checked (output free, checkpoint
+  readable, criterion valid, the pruned model verified) before anything is written.
   Returns the report. Multi-host: every process calls it (orbax saves together); only process 0 writes the
   report, atomically and last, so its presence means the pruned checkpoint is complete.
   """
@@ -44,23 +50,33 @@ def prune_checkpoint(
     raise FileExistsError(f"output_dir {output_dir} exists and is not empty; refusing to overwrite it")
   if not source_dir.is_dir():
     raise FileNotFoundError(f"checkpoint_dir {checkpoint_dir} does not exist")
+  if model_factory is not None:
+    model_specs.import_factory(model_factory)  # A bad name fails before the checkpoint is read.
   source = checkpointing.make_manager(source_dir, create=False)
   state, spec = checkpointing.restore(source, step)
   source_step = int(source.latest_step() if step is None else step)
   source.close()
-  model = model_from_spec(spec)
+  if model_factory is not None:
+    spec = {"factory": model_factory}
+  if input_shape is not None:
+    spec = {**spec, "input_shape": list(input_shape)}
+  if spec.get("pruned"):
+    raise ValueError(f"{checkpoint_dir} holds an already pruned model: prune the original checkpoint again instead")
+  model = model_specs.base_model(spec)
+  inputs = model_specs.example_inputs(spec, model)
   variables = {k: jax.device_get(state[k]) for k in ("params", "batch_stats") if k in state}
   narrow_model, narrow_variables = pruning.prune_params(
-      model, variables, ratio, scope=scope, min_channels=min_channels,
+      model, variables, ratio, inputs=inputs, scope=scope, min_channels=min_channels,
       flop_reduction=flop_reduction, threshold=threshold, channel_multiple=channel_multiple,
+      prune_streams=prune_streams,
   )
-  arch = pruning.describe(narrow_model)
-  narrow_spec = {**spec, "overrides": {**spec.get("overrides", {}), arch.width_attribute: list(arch.widths)}}
+  narrow_spec = {**spec, "pruned": getattr(narrow_model, "pruned_overrides", {})}
   report = {
       "source": os.fspath(source_dir), "source_step": source_step,
       "criterion": {"ratio": ratio, "flop_reduction": flop_reduction, "threshold": threshold,
-                    "scope": scope, "min_channels": min_channels, "channel_multiple": channel_multiple},
-      **_counts(model, variables, narrow_model, narrow_variables),
+                    "scope": scope, "min_channels": min_channels, "channel_multiple": channel_multiple,
+                    "prune_streams": prune_streams},
+      **_counts(model, variables, narrow_model, narrow_variables, inputs, prune_streams),
   }
   workdir_files.sync(f"checked {output}")  # No process may see another's new output_dir as taken.
   target = checkpointing.make_manager(output)
@@ -70,15 +86,19 @@ def prune_checkpoint(
   return report
 
 
-def _counts(model: nn.Module, variables: Any, narrow_model: nn.Module, narrow_variables: Any) -> dict[str, Any]:
-  """Parameters, FLOPs and prunable widths before and after."""
+def _counts(model: nn.Module, variables: Any, narrow_model: nn.Module, narrow_variables: Any, inputs: Any,
+            prune_streams: bool) -> dict[str, Any]:
+  """Parameters, FLOPs and the widths of the pruned groups before and after."""
+  before = pruning.group_widths(model, variables, inputs=inputs, prune_streams=prune_streams)
+  after = pruning.group_widths(narrow_model, narrow_variables, inputs=inputs, prune_streams=prune_streams)
   return {
       "params_before": pruning.count_params(variables),
       "params_after": pruning.count_params(narrow_variables),
-      "flops_before": pruning.count_flops(model),
-      "flops_after": pruning.count_flops(narrow_model),
-      "widths_before": list(pruning.describe(model).widths),
-      "widths_after": list(pruning.describe(narrow_model).widths),
+      "flops_before": pruning.count_flops(model, inputs),
+      "flops_after": pruning.count_flops(narrow_model, inputs),
+      "groups": list(before),
+      "widths_before": list(before.values()),
+      "widths_after": [after[name] for name in before],
   }
 
 
