@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from receding_jax.norm import bounded_scale
 from receding_jax.selection import (
@@ -26,9 +27,9 @@ def neuron_importances(variables: PyTree) -> dict[str, jax.Array]:
   """Importances of every norm layer, keyed by the module's path ('stage1/block0/norm1').
 
   Args:
-    variables: Linen variables ({'params': ..., 'batch_stats': ...}), or a `flax.nnx.State` of a whole
-      model (``nnx.state(model)``: parameters and batch statistics together). With the statistics present,
-      BatchNorm layers are identified exactly (see `selection.batch_norm_scale_mask`).
+    variables: Linen variables ({'params': ..., 'batch_stats': ...}), a `flax.nnx.State` of a whole
+      model (``nnx.state(model)``: parameters and batch statistics together), or the NNX model itself.
+      With the statistics present, BatchNorm layers are identified exactly (see `selection.batch_norm_scale_mask`).
 
   Returns:
     A dict path -> float32 array of shape [channels]: sigmoid(logit) for bounded norms, |scale| for
@@ -38,6 +39,8 @@ def neuron_importances(variables: PyTree) -> dict[str, jax.Array]:
   Raises:
     ValueError: the variables hold no norm layer at all (nothing to rank channels by).
   """
+  if isinstance(variables, nnx.Module):
+    variables = nnx.state(variables)
   if is_nnx_state(variables):
     params = variables
   elif isinstance(variables, Mapping) and "params" in variables:

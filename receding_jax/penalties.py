@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from receding_jax.selection import (
     MaskSpec,
@@ -82,6 +83,8 @@ def _polarization_of_leaves(leaves: Sequence[jax.Array], t: float) -> jax.Array:
 
 
 def _selected(params: PyTree, mask: MaskSpec, default, caller: str) -> list[jax.Array]:
+  if isinstance(params, nnx.Module):  # An NNX model: its parameters (and, for BatchNorms, statistics).
+    params = nnx.state(params)
   flags = select_leaves(mask, params, default, caller)
   return [leaf for leaf, keep in zip(jax.tree.leaves(params), flags, strict=True) if keep]
 
@@ -90,7 +93,7 @@ def receding_penalty(params: PyTree, shift: float = 0.0, mask: MaskSpec = None) 
   """The receding penalty sum_c s_c (1 - log s_c), s_c = sigmoid(w_c + shift), a float32 scalar.
 
   Args:
-    params: parameter pytree (e.g. ``variables['params']``).
+    params: parameter pytree (``variables['params']``, an `nnx.State`) or an NNX module.
     shift: b in the paper; larger values push channels with higher importance too (VGG: 3).
     mask: which leaves are bounded-norm logits; default: every ``scale_logit``.
   """
