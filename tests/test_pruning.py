@@ -449,3 +449,50 @@ def test_channel_multiple_rounds_kept_widths_up_with_the_next_most_important_cha
       assert imps[name][added].min() >= imps[name][~mask].max(initial=-np.inf)
   with pytest.raises(ValueError, match="channel_multiple"):
     pruning.channel_masks(model, variables, 0.6, channel_multiple=0)
+
+
+USER_MODEL = '''
+import flax.linen as nn
+from receding_jax import BoundedScaleNorm
+
+
+class TinyNet(nn.Module):
+  width: int = 8
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.relu(BoundedScaleNorm(use_running_average=not train, name="n1")(nn.Conv(self.width, (3, 3), name="c1")(x)))
+    x = nn.relu(BoundedScaleNorm(use_running_average=not train, name="n2")(nn.Conv(self.width, (3, 3), name="c2")(x)))
+    return nn.Dense(3, name="head")(x.reshape(x.shape[0], -1))
+
+
+def make_net():
+  return TinyNet()
+'''
+
+
+def test_command_line_prunes_a_model_named_by_its_factory_and_the_result_reloads(tmp_path, monkeypatch, capsys):
+  (tmp_path / "user_nets.py").write_text(USER_MODEL)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  from receding_jax.prune_checkpoint import main
+  from receding_jax.training.model_specs import build_model, import_factory
+
+  model = import_factory("user_nets:make_net")()
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 2))
+  variables = jax.tree.map(np.array, model.init(jax.random.key(1), x))
+  variables["params"]["n1"]["scale_logit"][:3] = -1e4  # Three channels receded to importance 0.
+  _save_run(tmp_path / "run", model, {}, variables)
+  with pytest.raises(SystemExit):  # A factory that cannot be imported: one line, nothing written.
+    main(["--checkpoint_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "bad"), "--threshold", "0.01",
+          "--model", "user_nets:missing", "--input_shape", "6,6,2"])
+  assert "cannot import the model factory 'user_nets:missing'" in capsys.readouterr().err
+  assert not (tmp_path / "bad").exists()
+  main(["--checkpoint_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "pruned"), "--threshold", "0.01",
+        "--model", "user_nets:make_net", "--input_shape", "6,6,2"])
+  report = json.loads((tmp_path / "pruned" / "pruning_report.json").read_text())
+  assert report["groups"] == ["n1", "n2"] and report["widths_after"][0] == 5
+  state, spec = checkpointing.restore(checkpointing.make_manager(tmp_path / "pruned", create=False))
+  assert spec == {"factory": "user_nets:make_net", "input_shape": [6, 6, 2], "pruned": {"c1": {"features": 5}}}
+  narrow = build_model(spec)
+  narrow_variables = {k: state[k] for k in ("params", "batch_stats")}
+  np.testing.assert_allclose(narrow.apply(narrow_variables, x), model.apply(variables, x), rtol=1e-5, atol=1e-6)
