@@ -94,7 +94,8 @@ def random_variables(model, x, seed=0):
   variables = model.init(jax.random.key(0), x)
   leaves, treedef = jax.tree.flatten(variables)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
-  variables = jax.tree.unflatten(treedef, [jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves)])
+  values = [jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves, strict=True)]
+  variables = jax.tree.unflatten(treedef, values)
   if "batch_stats" in variables:
     variables["batch_stats"] = jax.tree.map(lambda v: jnp.abs(v) + 0.5, variables["batch_stats"])
   return variables
@@ -181,14 +182,14 @@ def test_attention_heads_are_a_group_and_a_head_dimension_that_changes_the_scali
   model = AttentionNet()
   variables = random_variables(model, x)
   traced = pruning.trace(model, variables, x)
-  heads = [g for g in traced.groups if ("attn/query/kernel", 1) in members(g)][0]
+  heads = next(g for g in traced.groups if ("attn/query/kernel", 1) in members(g))
   assert {("attn/key/kernel", 1), ("attn/value/kernel", 1), ("attn/out/kernel", 0)} <= members(heads)
   assert pruning.channel_masks(model, variables, 0.5, inputs=x) == {}  # No norm scores them: not pruned.
   narrow_model, narrow = pruning.prune_params(model, variables, masks={heads.name: np.array([1, 0, 1, 0], bool)},
                                               inputs=x)
   assert narrow["params"]["attn"]["query"]["kernel"].shape == (16, 2, 4)
   assert narrow_model.apply(narrow, x).shape == (2, 2)
-  head_dim = [g for g in traced.groups if ("attn/query/kernel", 2) in members(g)][0]
+  head_dim = next(g for g in traced.groups if ("attn/query/kernel", 2) in members(g))
   with pytest.raises(ValueError, match="not exact"):  # q.k is scaled by 1/sqrt(head_dim), read off shapes.
     pruning.prune_params(model, variables, masks={head_dim.name: np.array([1, 0, 1, 1], bool)}, inputs=x)
 
@@ -207,7 +208,7 @@ def test_unprunable_groups_are_refused_with_their_reasons():
   x = jnp.zeros((1, 4, 3))
   model = ScannedNet()
   variables = random_variables(model, x)
-  embed = [g for g in pruning.trace(model, variables, x).groups if ("embed/kernel", 1) in members(g)][0]
+  embed = next(g for g in pruning.trace(model, variables, x).groups if ("embed/kernel", 1) in members(g))
   assert embed.group.status == "unprunable" and any("'scan'" in r for r in embed.group.reasons)
   with pytest.raises(ValueError, match="'scan' has no coupling rule"):
     pruning.prune_params(model, variables, masks={embed.name: np.arange(5) > 1}, inputs=x)
@@ -217,7 +218,7 @@ def test_a_layer_norm_over_channels_is_approximate_refused_unless_allowed():
   x = jnp.zeros((1, 6, 6, 3))
   model = LayerNormNet()
   variables = random_variables(model, x)
-  group = [g for g in pruning.trace(model, variables, x).groups if ("c1/kernel", 3) in members(g)][0]
+  group = next(g for g in pruning.trace(model, variables, x).groups if ("c1/kernel", 3) in members(g))
   assert group.group.status == "approximate" and any("reduce_sum" in r for r in group.group.reasons)
   masks = {group.name: np.arange(8) > 1}
   with pytest.raises(ValueError, match="allow_approximate"):
@@ -235,7 +236,7 @@ def test_a_registered_rule_makes_an_unknown_primitive_prunable():
     x = jnp.zeros((1, 4, 3))
     model = nn.Sequential([nn.Dense(6), nn.tanh, nn.Dense(2)])
     variables = random_variables(model, x)
-    hidden = lambda: [g for g in pruning.trace(model, variables, x).groups if g.size == 6][0]  # noqa: E731
+    hidden = lambda: next(g for g in pruning.trace(model, variables, x).groups if g.size == 6)
     assert "primitive 'tanh' has no coupling rule" in hidden().group.reasons[0]
     pruning.register_rule("tanh", rules.elementwise)
     assert hidden().group.status == "prunable"

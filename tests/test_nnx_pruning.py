@@ -75,7 +75,7 @@ def test_an_nnx_model_trains_with_the_penalty_prunes_and_fine_tunes():
   sliced = pruning.prune_params_like(optimizer.opt_state, model, nnx.state(model, nnx.Param), masks,
                                      inputs=images[:1])
   narrow_optimizer = nnx.Optimizer(narrow, tx, wrt=nnx.Param)
-  shapes = lambda tree: [np.shape(x) for x in jax.tree.leaves(tree)]  # noqa: E731
+  shapes = lambda tree: [np.shape(x) for x in jax.tree.leaves(tree)]
   assert shapes(sliced) == shapes(narrow_optimizer.opt_state)
   narrow_optimizer.opt_state = sliced
   tuned = [float(train_step(narrow, narrow_optimizer, images, labels)) for _ in range(6)]

@@ -56,6 +56,11 @@ def test_readme_block_runs(line, code):
     assert "'bn'" in printed and "'ln'" not in printed
     mask = ns["bn_scales"]
     assert [bool(x) for x in jax.tree.leaves(mask)].count(True) == 1
+  if "narrow_nnx" in ns:  # Bring your own model: the depthwise group halved in both frameworks.
+    assert ns["narrow_linen_vars"]["params"]["Conv_1"]["kernel"].shape == (3, 3, 1, 12)
+    assert ns["narrow_linen"].pruned_overrides["Conv_1"] == {"features": 12, "feature_group_count": 12}
+    assert ns["narrow_nnx"].conv.kernel[...].shape == (3, 3, 3, 8) and ns["nnx_model"].conv.kernel[...].shape[-1] == 16
+    assert "stream" in printed and "an axis of the model's input" in printed
   if "narrow_model" in ns:  # The pruning example: narrower, smaller, and its state fits its variables.
     model, narrow_model = ns["model"], ns["narrow_model"]
     narrow_widths = pruning.group_widths(narrow_model, ns["narrow_vars"])
