@@ -8,7 +8,7 @@ Sections (medians over repeated runs after warm-up and compilation; ratios measu
             beside it PyTorch's step for the same CIFAR model and penalty when torch is installed.
   penalty   step time with the receding penalty vs. without, same model, interleaved.
   pruned    inference time of cifar_vgg16 / cifar_resnet56 unpruned vs. pruned 50% and 90%, next to FLOPs.
-  prune     `prune_params` wall time on resnet50 (numpy variables on the host).
+  prune     coupling analysis and `prune_params` wall time (resnet50 at 224 px, CIFAR VGG-16, ResNet-56).
   input     CIFAR-10 JPEG folder pipeline throughput (images/s) vs. what the training step consumes.
   placement training images/s with the splits resident on the devices (1 and 10 steps per dispatch) vs.
             streamed from the host by Grain, same model and batch.
@@ -171,10 +171,25 @@ def bench_pruned(quick: bool) -> list[dict]:
 
 
 def bench_prune(quick: bool) -> list[dict]:
-  model = get_model("resnet50", 1000)
-  variables = random_importance_variables(model)
-  seconds = median_seconds(lambda: pruning.prune_params(model, variables, 0.5), repeats=3 if quick else 5, warmup=1)
-  return [{"model": "resnet50", "ratio": 0.5, "prune_params_s": seconds}]
+  """Coupling analysis (trace + union-find) and `prune_params` at 50%, numpy variables on the host: without
+  the result check, and with it (the first call compiles every op of both models; later calls reuse them)."""
+  rows = []
+  for name in ("resnet50", "cifar_vgg16", "cifar_resnet56"):
+    model = get_model(name, 1000 if name == "resnet50" else 10)
+    variables = random_importance_variables(model)
+    repeats = 3 if quick else 5
+    start = time.perf_counter()
+    pruning.prune_params(model, variables, 0.5)
+    first = time.perf_counter() - start
+    rows.append({
+        "model": name, "ratio": 0.5,
+        "analysis_s": median_seconds(lambda m=model, v=variables: pruning.trace(m, v), repeats, warmup=1),
+        "prune_unchecked_s": median_seconds(
+            lambda m=model, v=variables: pruning.prune_params(m, v, 0.5, check=False), repeats, warmup=1),
+        "prune_checked_first_s": first,
+        "prune_checked_s": median_seconds(lambda m=model, v=variables: pruning.prune_params(m, v, 0.5), repeats, 1),
+    })
+  return rows
 
 
 def bench_input(quick: bool, train_rows: list[dict]) -> list[dict]:
