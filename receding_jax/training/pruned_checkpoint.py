@@ -52,16 +52,7 @@ def prune_checkpoint(
     raise FileNotFoundError(f"checkpoint_dir {checkpoint_dir} does not exist")
   if model_factory is not None:
     model_specs.import_factory(model_factory)  # A bad name fails before the checkpoint is read.
-  source = checkpointing.make_manager(source_dir, create=False)
-  state, spec = checkpointing.restore(source, step)
-  source_step = int(source.latest_step() if step is None else step)
-  source.close()
-  if model_factory is not None:
-    spec = {"factory": model_factory}
-  if input_shape is not None:
-    spec = {**spec, "input_shape": list(input_shape)}
-  if spec.get("pruned"):
-    raise ValueError(f"{checkpoint_dir} holds an already pruned model: prune the original checkpoint again instead")
+  state, spec, source_step = _read_source(source_dir, step, model_factory, input_shape)
   model = model_specs.base_model(spec)
   inputs = model_specs.example_inputs(spec, model)
   variables = {k: jax.device_get(state[k]) for k in ("params", "batch_stats") if k in state}
@@ -84,6 +75,22 @@ def prune_checkpoint(
   target.close()
   wd.write_report(output, report)
   return report
+
+
+def _read_source(source_dir, step: int | None, model_factory: str | None,
+                 input_shape: tuple[int, ...] | None) -> tuple[Any, dict[str, Any], int]:
+  """(state, the spec of the model to prune, step) of the source checkpoint; ValueError if already pruned."""
+  source = checkpointing.make_manager(source_dir, create=False)
+  state, spec = checkpointing.restore(source, step)
+  source_step = int(source.latest_step() if step is None else step)
+  source.close()
+  if model_factory is not None:
+    spec = {"factory": model_factory}
+  if input_shape is not None:
+    spec = {**spec, "input_shape": list(input_shape)}
+  if spec.get("pruned"):
+    raise ValueError(f"{source_dir} holds an already pruned model: prune the original checkpoint again instead")
+  return state, spec, source_step
 
 
 def _counts(model: nn.Module, variables: Any, narrow_model: nn.Module, narrow_variables: Any, inputs: Any,
