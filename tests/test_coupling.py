@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from receding_jax import BoundedScaleNorm, pruning
@@ -160,7 +161,30 @@ def test_projection_shortcut_streams_are_found_and_pruned_only_when_asked():
   with_streams = pruning.channel_masks(model, variables, 0.5, inputs=x, prune_streams=True)
   assert set(with_streams) == set(default) | {"BoundedScaleNorm_0", "BoundedScaleNorm_4"}
   masks = {"BoundedScaleNorm_4": np.arange(16) % 4 != 1, "BoundedScaleNorm_1": np.arange(8) != 5}
-  assert_pruning_is_exact(model, variables, x, masks)
+  narrow_model, narrow_variables = assert_pruning_is_exact(model, variables, x, masks)
+  losses = train_a_few_steps(narrow_model, narrow_variables, (8, 8, 8, 3), classes=4)
+  assert losses[-1] < losses[0] and np.isfinite(losses).all()
+
+
+def train_a_few_steps(model, variables, shape, classes, steps=5):
+  """SGD in train mode (batch statistics updated) under jit and grad; returns the losses."""
+  images = jax.random.normal(jax.random.key(5), shape)
+  labels = jnp.arange(shape[0]) % classes
+
+  @jax.jit
+  def step(variables):
+    def loss_fn(params):
+      logits, stats = model.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), stats
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+    params = jax.tree.map(lambda p, g: p - 0.1 * g, variables["params"], grads)
+    return {"params": params, **stats}, loss
+
+  losses = []
+  for _ in range(steps):
+    variables, loss = step(variables)
+    losses.append(float(loss))
+  return np.array(losses)
 
 
 def test_concatenated_branches_form_one_group_at_offsets_and_a_flatten_slices_the_dense_rows():
