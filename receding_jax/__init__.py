@@ -1,10 +1,11 @@
 """receding-jax: Receding Neuron Importances for structured pruning (Suteu & Guo, 2022) in JAX/Flax.
 
-The library (norm, penalties, importances, models, pruning) depends only on jax, flax and optax;
-the training loop (input pipeline, checkpointing, train, main) builds on it.
+The library (norm and nnx_norm, penalties, importances, models, pruning) depends only on jax, flax and
+optax; the training loop (`receding_jax.training`) and the command-line modules build on it.
 """
 
 from receding_jax.importances import importance_summary, neuron_importances
+from receding_jax.nnx_norm import NnxBoundedScaleNorm
 from receding_jax.norm import BoundedScaleNorm
 from receding_jax.penalties import (
     add_l1_penalty,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BoundedScaleNorm",
+    "NnxBoundedScaleNorm",
     "add_l1_penalty",
     "add_polarization_penalty",
     "add_receding_penalty",
