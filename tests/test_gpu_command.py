@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SHARED_CIFAR
+from conftest import SHARED_CIFAR, TEST_XLA_FLAG
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COMMAND = ["bash", str(REPO / "launch" / "gpu_demo.sh")]
@@ -27,6 +27,10 @@ def load(path: str):
 
 def run_command(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
   env = {**os.environ, "PYTHON": sys.executable}
+  # The command's tiny mode sets its own fast-compile flags unless XLA_FLAGS is set: not conftest's.
+  flags = env.pop("XLA_FLAGS", "").replace(TEST_XLA_FLAG, "").strip()
+  if flags:
+    env["XLA_FLAGS"] = flags
   return subprocess.run([*COMMAND, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
 
 
