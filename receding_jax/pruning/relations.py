@@ -24,6 +24,11 @@ from typing import Any
 Node = int
 
 
+def _is_variable(var: Any) -> bool:
+  """A jaxpr variable (not a literal constant operand)."""
+  return hasattr(var, "aval") and type(var).__name__ != "Literal"
+
+
 @dataclasses.dataclass
 class Relations:
   """The relations recorded while walking a jaxpr, over integer node ids (see the module docstring)."""
@@ -53,7 +58,7 @@ class Relations:
 
   def axes(self, var: Any) -> list[Node] | None:
     """The nodes of every axis of `var` in the current scope; None for a literal (a constant operand)."""
-    if not hasattr(var, "aval") or type(var).__name__ == "Literal":
+    if not _is_variable(var):
       return None
     shape = getattr(var.aval, "shape", ())
     out = []
@@ -76,12 +81,12 @@ class Relations:
 
   def kind(self, var: Any) -> str:
     """'data' if `var` depends on the model's inputs, 'param' if on variables only, else 'const'."""
-    if not hasattr(var, "aval") or type(var).__name__ == "Literal":
+    if not _is_variable(var):
       return "const"
     return self.kinds.get((self.scope, var), "const")
 
   def set_kind(self, var: Any, kind: str) -> None:
-    if hasattr(var, "aval") and type(var).__name__ != "Literal":
+    if _is_variable(var):
       self.kinds[(self.scope, var)] = kind
 
   def set_broadcast(self, var: Any, axes: set[int]) -> None:

@@ -177,7 +177,8 @@ def conv_general_dilated(eqn, rel: Relations) -> None:
     return
   (lbatch, lfeat, *_), (rout, rin, *rspatial), (obatch, ofeat, *_) = dn.lhs_spec, dn.rhs_spec, dn.out_spec
   groups, batch_groups = eqn.params["feature_group_count"], eqn.params["batch_group_count"]
-  rel.tie(lhs[lbatch], out[obatch]) if rel.sizes[lhs[lbatch]] == rel.sizes[out[obatch]] else None
+  if rel.sizes[lhs[lbatch]] == rel.sizes[out[obatch]]:
+    rel.tie(lhs[lbatch], out[obatch])
   window = int(np.prod([rel.sizes[rhs[i]] for i in rspatial]))
   for axes, spatial in ((rhs, rspatial), (lhs, dn.lhs_spec[2:]), (out, dn.out_spec[2:])):
     for i in spatial:  # Windows and the maps they slide over are positions, not channels.

@@ -52,8 +52,8 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
   return pruning.narrow_linen(model, spec["pruned"]) if spec.get("pruned") else model
 
 
-def example_inputs(spec: Mapping[str, Any], model: nn.Module) -> Any:
-  """The input spec pruning traces with: the spec's ``input_shape`` (batch 1), else the model's own."""
+def example_inputs(spec: Mapping[str, Any]) -> jax.ShapeDtypeStruct | None:
+  """The input spec pruning traces with: the spec's ``input_shape`` (batch 1); None means the model's own."""
   if "input_shape" in spec:
     return jax.ShapeDtypeStruct((1, *spec["input_shape"]), jnp.float32)
   return None

@@ -54,7 +54,7 @@ def prune_checkpoint(
     model_specs.import_factory(model_factory)  # A bad name fails before the checkpoint is read.
   state, spec, source_step = _read_source(source_dir, step, model_factory, input_shape)
   model = model_specs.base_model(spec)
-  inputs = model_specs.example_inputs(spec, model)
+  inputs = model_specs.example_inputs(spec)
   variables = {k: jax.device_get(state[k]) for k in ("params", "batch_stats") if k in state}
   narrow_model, narrow_variables = pruning.prune_params(
       model, variables, ratio, inputs=inputs, scope=scope, min_channels=min_channels,
@@ -95,14 +95,15 @@ def _read_source(source_dir, step: int | None, model_factory: str | None,
 
 def _counts(model: nn.Module, variables: Any, narrow_model: nn.Module, narrow_variables: Any, inputs: Any,
             prune_streams: bool) -> dict[str, Any]:
-  """Parameters, FLOPs and the widths of the pruned groups before and after."""
-  before = pruning.group_widths(model, variables, inputs=inputs, prune_streams=prune_streams)
-  after = pruning.group_widths(narrow_model, narrow_variables, inputs=inputs, prune_streams=prune_streams)
+  """Parameters, FLOPs and the widths of the pruned groups before and after (one trace of each model)."""
+  wide, narrow = pruning.trace(model, variables, inputs), pruning.trace(narrow_model, narrow_variables, inputs)
+  before, after = ({g.name: g.size for g in pruning.criteria.selected(t.groups, prune_streams, False)}
+                   for t in (wide, narrow))
   return {
       "params_before": pruning.count_params(variables),
       "params_after": pruning.count_params(narrow_variables),
-      "flops_before": pruning.count_flops(model, inputs),
-      "flops_after": pruning.count_flops(narrow_model, inputs),
+      "flops_before": pruning.flop_model(wide.coupling)({}),
+      "flops_after": pruning.flop_model(narrow.coupling)({}),
       "groups": list(before),
       "widths_before": list(before.values()),
       "widths_after": [after[name] for name in before],
