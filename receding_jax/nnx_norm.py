@@ -3,6 +3,7 @@
 Variables: ``scale_logit`` (`nnx.Param`, importance = sigmoid(logit)), optional ``bias`` (`nnx.Param`),
 ``mean`` and ``var`` (`nnx.BatchStat`, float32). The layout matches the Linen module's, so penalties,
 importances and pruning find it the same way; ``model.eval()`` switches it to the running statistics.
+Training mode runs `norm.bounded_norm_train` (closed-form backward), as the Linen module does.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from flax import nnx
 
 from receding_jax.norm import (
   Axes,
-  batch_moments,
+  bounded_norm_train,
   bounded_scale,
   canonicalize_axes,
   normalize,
@@ -73,14 +74,13 @@ class NnxBoundedScaleNorm(nnx.Module):
     if len(feature_axes) != 1 or x.shape[feature_axes[0]] != self.num_features:
       raise ValueError(f"NnxBoundedScaleNorm has {self.num_features} features, the input has shape {x.shape} "
                        f"(axis {self.axis})")
-    reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
     running = self.use_running_average if use_running_average is None else use_running_average
-    if running:
-      mean, var = self.mean[...], self.var[...]
-    else:
-      mean, var = batch_moments(x, reduction_axes, self.axis_name, self.axis_index_groups)
-      self.mean[...] = update_running_average(self.mean[...], mean, self.momentum)
-      self.var[...] = update_running_average(self.var[...], var, self.momentum)
     bias = None if self.bias is None else self.bias[...]
-    return normalize(x, mean, var, bounded_scale(self.scale_logit[...]), bias, feature_axes, self.epsilon,
-                     self.dtype)
+    if running:
+      return normalize(x, self.mean[...], self.var[...], bounded_scale(self.scale_logit[...]), bias, feature_axes,
+                       self.epsilon, self.dtype)
+    y, mean, var = bounded_norm_train(x, self.scale_logit[...], bias, feature_axes, self.epsilon, self.dtype,
+                                      self.axis_name, self.axis_index_groups)
+    self.mean[...] = update_running_average(self.mean[...], mean, self.momentum)
+    self.var[...] = update_running_average(self.var[...], var, self.momentum)
+    return y

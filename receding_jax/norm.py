@@ -4,6 +4,11 @@ The maths lives in pure functions (`batch_moments`, `normalize`, `update_running
 used without the module; `BoundedScaleNorm` is a thin Linen shell that owns the logits (``params``) and
 the running statistics (``batch_stats``), with the interface of `flax.linen.BatchNorm`.
 
+Training mode runs `bounded_norm_train`: the same two-pass forward, and a closed-form backward (a custom
+VJP, `norm_backward`) instead of autodiff through the two passes; it works under `jit`, `vmap` and
+`shard_map`, with or without ``axis_name``. It is reverse-mode only; `bounded_norm_train_autodiff` is the
+same maths for forward mode and higher derivatives.
+
 Statistics in data-parallel training: under `jax.jit` with the batch sharded over a mesh, the reductions
 below run over the *global* batch (XLA inserts the collectives). Per-device statistics are only what you
 get by running the module inside `shard_map` without ``axis_name``; with ``axis_name`` set there, the
@@ -12,6 +17,8 @@ statistics are averaged over that axis, i.e. global again.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,6 +76,14 @@ def batch_moments(
   return mean, var
 
 
+def per_channel(v: jax.Array, x_shape: Sequence[int], feature_axes: Sequence[int]) -> jax.Array:
+  """`v` of shape [features] reshaped to broadcast against an input of `x_shape` along `feature_axes`."""
+  shape = [1] * len(x_shape)
+  for ax in feature_axes:
+    shape[ax] = x_shape[ax]
+  return jnp.reshape(v, shape)
+
+
 def normalize(
     x: jax.Array,
     mean: jax.Array,
@@ -84,13 +99,8 @@ def normalize(
   `feature_axes` are the (canonical) axes of `x` the per-channel arrays run along. The result has
   `dtype`, or else the promotion of `x`, `scale` and `bias` (as `flax.linen.BatchNorm` does).
   """
-  feature_axes = tuple(feature_axes)
-  shape = [1] * x.ndim
-  for ax in feature_axes:
-    shape[ax] = x.shape[ax]
-
   def expand(v):
-    return jnp.reshape(v, shape)
+    return per_channel(v, x.shape, feature_axes)
 
   mul = jax.lax.rsqrt(expand(var) + epsilon)
   if scale is not None:
@@ -109,6 +119,133 @@ def update_running_average(running: jax.Array, batch_value: jax.Array, momentum:
   PyTorch's momentum 0.1 is Flax's 0.9.
   """
   return momentum * running + (1.0 - momentum) * batch_value
+
+
+def bounded_norm_train(
+    x: jax.Array,
+    logit: jax.Array,
+    bias: jax.Array | None,
+    feature_axes: Sequence[int],
+    epsilon: float,
+    dtype: Any = None,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Training-mode bounded norm: (y, batch mean, batch var), with a closed-form backward.
+
+  The values are those of `batch_moments` + `normalize` with scale sigmoid(`logit`) (two-pass statistics
+  in at least float32, output dtype as `normalize`); the gradients wrt `x`, `logit` and `bias` are the
+  closed form of `norm_backward` instead of autodiff of the two passes (fewer passes over `x`). The mean
+  and var are returned for the running averages and carry no gradient. `feature_axes` are canonical;
+  with `axis_name` (inside `shard_map` or `vmap`) the statistics and the backward's sums run over that named
+  axis too. Reverse mode only: use `bounded_norm_train_autodiff` for forward-mode or higher derivatives.
+  """
+  groups = None if axis_index_groups is None else tuple(tuple(g) for g in axis_index_groups)
+  logit, bias = (_varying_like(x, p) for p in (logit, bias))
+  y, mean, var = _bounded_norm_train(x, logit, bias, tuple(feature_axes), epsilon, dtype, axis_name, groups)
+  return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+
+
+def bounded_norm_train_autodiff(
+    x: jax.Array, logit: jax.Array, bias: jax.Array | None, feature_axes: Sequence[int], epsilon: float,
+    dtype: Any = None, axis_name: str | None = None, axis_index_groups: Any = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`bounded_norm_train` (same arguments and values) differentiated by JAX through the two passes: the
+  reference formula, which also supports forward mode and higher derivatives (slower backward)."""
+  mean, var = batch_moments(x, _reduction_axes(x.ndim, feature_axes), axis_name, axis_index_groups)
+  y = normalize(x, mean, var, bounded_scale(logit), bias, feature_axes, epsilon, dtype)
+  return y, mean, var
+
+
+def norm_backward(
+    g: jax.Array,
+    x: jax.Array,
+    mean: jax.Array,
+    rstd: jax.Array,
+    scale: jax.Array,
+    feature_axes: Sequence[int],
+    count: jax.Array,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(dx, sum g, sum g xhat) for y = scale * xhat + bias, xhat = (x - mean) * rstd, batch statistics.
+
+  `g` is dy (any float dtype); `mean`, `rstd` = 1/sqrt(var + eps) and `scale` have shape [features] and
+  `count` is the number of elements per channel in the whole (global) batch. With the statistics' own
+  gradient folded in, dx = scale rstd (g - mean(g) - xhat mean(g xhat)), the means over the batch and the
+  named axis. The returned sums run over this shard's batch only: they are d bias and d scale of its share
+  (the named axis' transpose or `vmap` adds the others'). Computed in the dtype of `mean` and `scale`, dx
+  cast to `x`'s.
+  """
+  compute = jnp.result_type(mean, scale)
+  reduction_axes = _reduction_axes(x.ndim, feature_axes)
+
+  def expand(v):
+    return per_channel(v.astype(compute), x.shape, feature_axes)
+
+  g = g.astype(compute)
+  xhat = (x.astype(compute) - expand(mean)) * expand(rstd)
+  local_sums = g.sum(reduction_axes), (g * xhat).sum(reduction_axes)
+  sum_g, sum_g_xhat = local_sums
+  if axis_name is not None:
+    sum_g, sum_g_xhat = jax.lax.psum(local_sums, axis_name, axis_index_groups=axis_index_groups)
+  dx = expand(scale * rstd) * (g - expand(sum_g / count) - xhat * expand(sum_g_xhat / count))
+  return dx.astype(x.dtype), *local_sums
+
+
+def _reduction_axes(ndim: int, feature_axes: Sequence[int]) -> tuple[int, ...]:
+  return tuple(i for i in range(ndim) if i not in feature_axes)
+
+
+def _varying_like(x: jax.Array, param: jax.Array | None) -> jax.Array | None:
+  """`param` marked as varying over the `shard_map` axes that `x` varies over (a no-op elsewhere).
+
+  The backward returns each shard's own parameter gradient; the transpose of this cast sums them over the
+  devices, as autodiff does for a replicated parameter."""
+  if param is None:
+    return None
+  axes = tuple(sorted(jax.typeof(x).manual_axis_type.varying - jax.typeof(param).manual_axis_type.varying))
+  return jax.lax.pcast(param, axes, to="varying") if axes else param
+
+
+def _batch_count(x_shape, reduction_axes, axis_name, axis_index_groups) -> jax.Array:
+  """Elements per channel in the global batch (a float32 scalar): the local count times the named axis'."""
+  count = math.prod(x_shape[i] for i in reduction_axes)
+  if axis_name is not None:
+    count = count * jax.lax.psum(1, axis_name, axis_index_groups=axis_index_groups)
+  return jnp.asarray(count, jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _bounded_norm_train(x, logit, bias, feature_axes, epsilon, dtype, axis_name, axis_index_groups):
+  return bounded_norm_train_autodiff(x, logit, bias, feature_axes, epsilon, dtype, axis_name, axis_index_groups)
+
+
+def _bounded_norm_train_forward(x, logit, bias, feature_axes, epsilon, dtype, axis_name, axis_index_groups):
+  """The forward, and what the backward needs: x, the statistics, the scale and the global count.
+
+  The count is computed here because a collective over a `vmap` axis is refused in the backward of a
+  custom VJP when its operand is a constant (the batch-dependent sums there are fine)."""
+  outputs = bounded_norm_train_autodiff(x, logit, bias, feature_axes, epsilon, dtype, axis_name, axis_index_groups)
+  _, mean, var = outputs
+  count = _batch_count(x.shape, _reduction_axes(x.ndim, feature_axes), axis_name, axis_index_groups)
+  rstd = jax.lax.rsqrt(var + epsilon)
+  return outputs, (x, mean, rstd, bounded_scale(logit), bias, count)
+
+
+def _bounded_norm_train_backward(feature_axes, epsilon, dtype, axis_name, axis_index_groups, residuals, cotangents):
+  """Cotangents of x, logit and bias from dy; those of the returned mean and var are dropped (no gradient)."""
+  del epsilon, dtype
+  x, mean, rstd, scale, bias, count = residuals
+  dx, sum_g, sum_g_xhat = norm_backward(
+      cotangents[0], x, mean, rstd, scale, feature_axes, count, axis_name, axis_index_groups
+  )
+  dlogit = (sum_g_xhat * scale * (1 - scale)).astype(scale.dtype)  # d sigmoid(w) / dw = s (1 - s).
+  dbias = None if bias is None else sum_g.astype(bias.dtype)
+  return dx, dlogit, dbias
+
+
+_bounded_norm_train.defvjp(_bounded_norm_train_forward, _bounded_norm_train_backward)
 
 
 class BoundedScaleNorm(nn.Module):
@@ -153,7 +290,6 @@ class BoundedScaleNorm(nn.Module):
         "use_running_average", self.use_running_average, use_running_average
     )
     feature_axes = canonicalize_axes(x.ndim, self.axis)
-    reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
     feature_shape = tuple(x.shape[ax] for ax in feature_axes)
 
     self._check_stored_shapes(feature_shape)
@@ -163,21 +299,16 @@ class BoundedScaleNorm(nn.Module):
     bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
 
     if use_running_average:
-      mean, var = ra_mean.value, ra_var.value
-    else:
-      mean, var = batch_moments(
-          x,
-          reduction_axes,
-          axis_name=None if self.is_initializing() else self.axis_name,
-          axis_index_groups=self.axis_index_groups,
-      )
-      if not self.is_initializing():
-        ra_mean.value = update_running_average(ra_mean.value, mean, self.momentum)
-        ra_var.value = update_running_average(ra_var.value, var, self.momentum)
-
-    return normalize(
-        x, mean, var, bounded_scale(logit), bias, feature_axes, self.epsilon, self.dtype
+      scale = bounded_scale(logit)
+      return normalize(x, ra_mean.value, ra_var.value, scale, bias, feature_axes, self.epsilon, self.dtype)
+    axis_name = None if self.is_initializing() else self.axis_name
+    y, mean, var = bounded_norm_train(
+        x, logit, bias, feature_axes, self.epsilon, self.dtype, axis_name, self.axis_index_groups
     )
+    if not self.is_initializing():
+      ra_mean.value = update_running_average(ra_mean.value, mean, self.momentum)
+      ra_var.value = update_running_average(ra_var.value, var, self.momentum)
+    return y
 
   def _check_stored_shapes(self, feature_shape: tuple[int, ...]) -> None:
     """Raises ValueError if stored variables were made for another channel count than the input's."""
