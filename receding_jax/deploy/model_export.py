@@ -1,0 +1,161 @@
+"""Export a Linen model and its variables for deployment: norms folded, every file verified, one folder.
+
+    export_model(model, variables, "deploy/vgg", formats=("stablehlo", "tflite"), quantize=("float16",))
+
+writes ``model.stablehlo`` (`stablehlo`), ``model.tflite`` (`litert`), ``model_<quantization>.tflite`` and
+``export_report.json`` (sizes, operators, errors against the JAX model, the folded norms). Everything is
+checked before work starts and the folder appears only when complete: files are written into a hidden
+sibling folder that is renamed at the end, so a failure or a kill leaves no partial export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from receding_jax.deploy import folding, litert, stablehlo
+from receding_jax.pruning import models as pruning_models
+
+FORMATS = ("stablehlo", "tflite")
+#: Largest |exported - JAX| allowed, relative to the largest |JAX output| on the verification batch.
+TOLERANCE = 1e-4
+REPORT_NAME = "export_report.json"
+
+
+class ExportVerificationError(ValueError):
+  """An exported model's outputs differ from the JAX model's beyond `TOLERANCE`, or it uses non-built-in ops."""
+
+
+def check_request(output_dir: str | os.PathLike, formats: Sequence[str], quantize: Sequence[str],
+                  tflite_batch: int) -> None:
+  """Raises (one line naming the bad value) for an unusable request; nothing is read or written."""
+  if not formats or any(f not in FORMATS for f in formats):
+    raise ValueError(f"unknown export format in {','.join(formats) or '(none)'}; choose from {','.join(FORMATS)}")
+  if any(q not in litert.QUANTIZATIONS for q in quantize):
+    raise ValueError(f"unknown quantization in {','.join(quantize)}; choose from {','.join(litert.QUANTIZATIONS)}")
+  if quantize and "tflite" not in formats:
+    raise ValueError(f"quantization {','.join(quantize)} applies to the tflite format, which was not requested")
+  if not isinstance(tflite_batch, int) or tflite_batch < 1:
+    raise ValueError(f"tflite_batch must be a positive int, got {tflite_batch!r}")
+  if os.path.lexists(output_dir):
+    raise FileExistsError(f"output_dir {output_dir} exists; refusing to overwrite it")
+  if "tflite" in formats:
+    litert.require_export_tools()
+
+
+def compare(outputs: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+  """Max absolute error, the same relative to max |reference|, and the fraction of equal argmax predictions."""
+  outputs, reference = np.asarray(outputs, np.float64), np.asarray(reference, np.float64)
+  error = float(np.abs(outputs - reference).max())
+  scale = float(np.abs(reference).max()) or 1.0
+  same = float(np.mean(outputs.argmax(-1) == reference.argmax(-1)))
+  return {"max_abs_error": error, "relative_error": error / scale, "same_predictions": same}
+
+
+def export_model(
+    model: nn.Module, variables: Mapping[str, Any], output_dir: str | os.PathLike,
+    formats: Sequence[str] = FORMATS, *, inputs: Any = None, apply_kwargs: Mapping[str, Any] | None = None,
+    quantize: Sequence[str] = (), tflite_batch: int = 1, verify_examples: int = 8, seed: int = 0,
+    extra_report: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+  """Exports `model` with `variables` into the new folder `output_dir`; returns the report (also written).
+
+  `inputs`: one example input or spec with its batch axis (default [1, *model.input_shape] float32).
+  `apply_kwargs` adds to the keywords that put the model in inference mode (train=False, ...).
+  Raises ExportVerificationError when an export is not faithful; then nothing is left on disk.
+  """
+  formats, quantize = tuple(formats), tuple(quantize)
+  check_request(output_dir, formats, quantize, tflite_batch)
+  specs = pruning_models.input_specs(model, inputs)
+  if len(specs) != 1:
+    raise ValueError(f"export takes models with one input, this one has {len(specs)}")
+  example_shape = tuple(specs[0].shape[1:])
+  kwargs = pruning_models.eval_kwargs(model, apply_kwargs)
+  count = -(-verify_examples // tflite_batch) * tflite_batch
+  examples = np.random.default_rng(seed).normal(size=(count, *example_shape)).astype(np.float32)
+  reference = jax.jit(lambda x: model.apply(dict(variables), x, **kwargs))(examples)
+  if not isinstance(reference, jax.Array) or reference.ndim < 1 or reference.shape[0] != count:
+    raise ValueError(f"export takes models returning one [batch, ...] array, got {jax.tree.structure(reference)}")
+  reference = np.asarray(reference)
+  found, infer = _checked_folding(model, variables, specs, kwargs, examples, reference)
+  output = pathlib.Path(output_dir)
+  output.parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+  try:
+    files = _write_formats(staging, infer, formats, quantize, example_shape, tflite_batch, examples, reference)
+    report = {**dict(extra_report or {}), "input_shape": list(example_shape), "tolerance": TOLERANCE,
+              "verified_on": f"{count} standard-normal inputs, seed {seed}", "folding": found.summary(),
+              "files": files}
+    (staging / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp made it private.
+    os.rename(staging, output)  # Atomic: the folder exists only complete.
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return report
+
+
+def _checked_folding(model, variables, specs, kwargs, examples, reference) -> tuple[folding.Folding, Any]:
+  """The folding and folded function; without folds if folding changed the outputs (a folded layer's
+  output is also read by something other than its norm), which the report then says."""
+  found = folding.find_folds(model, variables, specs, kwargs)
+  infer = folding.folded_function(model, variables, found, kwargs)
+  check = compare(np.asarray(jax.jit(infer)(examples)), reference)
+  if not found.folds or check["relative_error"] <= TOLERANCE:
+    return found, infer
+  why = (f"folding changed the outputs by {check['relative_error']:.3g} of the largest (a folded layer's output "
+         "has another reader), so no norm was folded")
+  unfolded = folding.Folding((), {**{f.norm: why for f in found.folds}, **found.unfolded})
+  return unfolded, folding.folded_function(model, variables, unfolded, kwargs)
+
+
+def _write_formats(folder: pathlib.Path, infer, formats, quantize, example_shape, tflite_batch, examples,
+                   reference) -> dict[str, dict[str, Any]]:
+  """Writes and verifies each requested file; returns {file name: its report entry}."""
+  files: dict[str, dict[str, Any]] = {}
+  if "stablehlo" in formats:
+    module = stablehlo.export_stablehlo(infer, example_shape)
+    checks = [compare(stablehlo.run_stablehlo(module, examples[:n]), reference[:n]) for n in (len(examples), 1)]
+    files["model.stablehlo"] = _verified("model.stablehlo", module, worst(checks), {"batch": "symbolic"})
+  if "tflite" in formats:
+    for quantization in (None, *quantize):
+      model = litert.to_tflite(infer, (tflite_batch, *example_shape), quantization)
+      name = "model.tflite" if quantization is None else f"model_{quantization}.tflite"
+      ops = litert.operators(model)
+      if litert.non_builtin(ops):
+        raise ExportVerificationError(f"{name} uses operators that are not TFLite built-ins: {litert.non_builtin(ops)}")
+      check = compare(litert.run_tflite(model, examples), reference)
+      entry = {"batch": tflite_batch, "operators": {op: ops.count(op) for op in sorted(set(ops))},
+               "quantization": quantization}
+      files[name] = _verified(name, model, check, entry, required=quantization is None)
+  for name, entry in files.items():
+    (folder / name).write_bytes(entry.pop("content"))
+  return files
+
+
+def worst(checks: Sequence[dict[str, float]]) -> dict[str, float]:
+  """The largest errors and the smallest agreement over several checks."""
+  return {"max_abs_error": max(c["max_abs_error"] for c in checks),
+          "relative_error": max(c["relative_error"] for c in checks),
+          "same_predictions": min(c["same_predictions"] for c in checks)}
+
+
+def _verified(name: str, content: bytes, check: dict[str, float], entry: dict[str, Any],
+              required: bool = True) -> dict[str, Any]:
+  """The report entry of one file; ExportVerificationError if a float32 export is off by more than TOLERANCE."""
+  if required and not check["relative_error"] <= TOLERANCE:
+    raise ExportVerificationError(
+        f"{name} differs from the JAX model by {check['max_abs_error']:.3g} ({check['relative_error']:.3g} of its "
+        f"largest output; tolerance {TOLERANCE:g}); no file was written")
+  return {**entry, **check, "bytes": len(content), "held_to_tolerance": required, "content": content}

@@ -1,0 +1,48 @@
+"""A checkpoint exported for deployment: the model its spec describes (pruned or not), in float32,
+norms folded, as StableHLO and/or TFLite files verified against the JAX model (`deploy.export_model`).
+
+Used by ``python -m receding_jax.export``. Any checkpoint the project writes works: a run's
+``checkpoints``, a fine-tune's, a pruned checkpoint (``pruned_<ratio>/pruned``), of a zoo model or of a
+factory named in its spec.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from receding_jax import deploy
+from receding_jax.deploy import model_export
+from receding_jax.training import checkpointing, model_specs
+from receding_jax.training import workdir as wd
+
+
+def export_checkpoint(
+    checkpoint_dir: wd.PathLike, output_dir: str | os.PathLike, formats: Sequence[str] = deploy.FORMATS, *,
+    step: int | None = None, quantize: Sequence[str] = (), tflite_batch: int = 1,
+) -> dict[str, Any]:
+  """Exports step `step` (default newest) of the checkpoint at `checkpoint_dir` into the new folder
+  `output_dir`; returns the export report. Bad requests fail before the checkpoint is read, a checkpoint
+  whose spec names no model we can build fails before anything is written."""
+  model_export.check_request(output_dir, tuple(formats), tuple(quantize), tflite_batch)
+  source_dir = wd.path(checkpoint_dir)
+  if not source_dir.is_dir():
+    raise FileNotFoundError(f"checkpoint_dir {checkpoint_dir} does not exist")
+  manager = checkpointing.make_manager(source_dir, create=False)
+  state, spec = checkpointing.restore(manager, step)
+  source_step = int(manager.latest_step() if step is None else step)
+  manager.close()
+  spec = {**spec, "compute_dtype": "float32"} if "compute_dtype" in spec else spec
+  try:
+    model = model_specs.build_model(spec)
+  except (TypeError, KeyError) as e:
+    raise ValueError(f"the checkpoint's model spec {spec} names no model this package can build: {e}") from None
+  variables = {k: jax.device_get(state[k]) for k in ("params", "batch_stats") if k in state}
+  return deploy.export_model(
+      model, variables, output_dir, formats, inputs=model_specs.example_inputs(spec), quantize=quantize,
+      tflite_batch=tflite_batch,
+      extra_report={"source": os.fspath(source_dir), "source_step": source_step, "model_spec": spec},
+  )
