@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from receding_jax import BoundedScaleNorm, deploy
+from receding_jax import BoundedScaleNorm, NnxBoundedScaleNorm, deploy, prune_params
 from receding_jax.deploy import stablehlo
 from receding_jax.export import main as export_main
 from receding_jax.training import checkpointing, model_specs
@@ -221,3 +222,26 @@ def test_tflite_export_of_a_pruned_checkpoint_runs_in_litert_with_builtin_ops_on
 
 def litert_non_builtin(operators):
   return [op for op in operators if op.upper() == "CUSTOM" or op.startswith("Flex")]
+
+
+class NnxNet(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+    self.norm = NnxBoundedScaleNorm(8, rngs=rngs)
+    self.head = nnx.Linear(8, 4, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(nnx.relu(self.norm(self.conv(x))).mean((1, 2)))
+
+
+def test_a_pruned_nnx_model_exports_in_eval_mode_and_stays_untouched(tmp_path):
+  model = NnxNet(nnx.Rngs(0))
+  model.norm.mean[...] = jnp.linspace(-1.0, 1.0, 8)  # Running statistics far from a batch's own.
+  narrow, _ = prune_params(model, None, 0.5, inputs=EXAMPLE)
+  report = deploy.export_model(narrow, None, tmp_path / "out", formats=("stablehlo",), inputs=EXAMPLE)
+  assert not narrow.norm.use_running_average  # The export ran on a copy.
+  exported = jax.export.deserialize(bytearray((tmp_path / "out" / "model.stablehlo").read_bytes()))
+  x = jax.random.normal(jax.random.key(3), (4, 8, 8, 3))
+  narrow.eval()
+  np.testing.assert_allclose(exported.call(x), narrow(x), rtol=1e-5, atol=1e-5)
+  assert report["folding"]["folded"] == {} and "NNX" in report["folding"]["unfolded"]["*"]

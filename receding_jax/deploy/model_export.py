@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from flax import nnx
 
 from receding_jax.deploy import folding, litert, stablehlo
 from receding_jax.pruning import models as pruning_models
@@ -62,7 +63,7 @@ def compare(outputs: np.ndarray, reference: np.ndarray) -> dict[str, float]:
 
 
 def export_model(
-    model: nn.Module, variables: Mapping[str, Any], output_dir: str | os.PathLike,
+    model: nn.Module | nnx.Module, variables: Mapping[str, Any] | None, output_dir: str | os.PathLike,
     formats: Sequence[str] = FORMATS, *, inputs: Any = None, apply_kwargs: Mapping[str, Any] | None = None,
     quantize: Sequence[str] = (), tflite_batch: int = 1, verify_examples: int = 8, seed: int = 0,
     extra_report: Mapping[str, Any] | None = None,
@@ -70,7 +71,8 @@ def export_model(
   """Exports `model` with `variables` into the new folder `output_dir`; returns the report (also written).
 
   `inputs`: one example input or spec with its batch axis (default [1, *model.input_shape] float32).
-  `apply_kwargs` adds to the keywords that put the model in inference mode (train=False, ...).
+  `apply_kwargs` adds to the keywords that put the model in inference mode (train=False, ...). An NNX
+  model holds its variables (pass None) and runs in its `eval()` mode, without folding (see `nnx_inference`).
   Raises ExportVerificationError when an export is not faithful; then nothing is left on disk.
   """
   formats, quantize = tuple(formats), tuple(quantize)
@@ -79,14 +81,19 @@ def export_model(
   if len(specs) != 1:
     raise ValueError(f"export takes models with one input, this one has {len(specs)}")
   example_shape = tuple(specs[0].shape[1:])
-  kwargs = pruning_models.eval_kwargs(model, apply_kwargs)
   count = -(-verify_examples // tflite_batch) * tflite_batch
   examples = np.random.default_rng(seed).normal(size=(count, *example_shape)).astype(np.float32)
-  reference = jax.jit(lambda x: model.apply(dict(variables), x, **kwargs))(examples)
+  if isinstance(model, nnx.Module):
+    found, infer = NNX_FOLDING, nnx_inference(model)
+    reference = jax.jit(infer)(examples)
+  else:
+    kwargs = pruning_models.eval_kwargs(model, apply_kwargs)
+    reference = jax.jit(lambda x: model.apply(dict(variables), x, **kwargs))(examples)
   if not isinstance(reference, jax.Array) or reference.ndim < 1 or reference.shape[0] != count:
     raise ValueError(f"export takes models returning one [batch, ...] array, got {jax.tree.structure(reference)}")
   reference = np.asarray(reference)
-  found, infer = _checked_folding(model, variables, specs, kwargs, examples, reference)
+  if not isinstance(model, nnx.Module):
+    found, infer = _checked_folding(model, variables, specs, kwargs, examples, reference)
   output = pathlib.Path(output_dir)
   output.parent.mkdir(parents=True, exist_ok=True)
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
@@ -104,6 +111,21 @@ def export_model(
     shutil.rmtree(staging, ignore_errors=True)
     raise
   return report
+
+
+NNX_FOLDING = folding.Folding((), {("*",): "NNX models are exported unfolded: each norm stays a per-channel "
+                                             "multiply-add after its layer (the TFLite converter folds it)"})
+
+
+def nnx_inference(model: nnx.Module) -> Any:
+  """inputs -> outputs of a copy of the NNX `model` in `eval()` mode (the model itself is untouched)."""
+  graphdef, state = nnx.split(nnx.clone(model))
+
+  def infer(x):
+    network = nnx.merge(graphdef, state)
+    network.eval()
+    return network(x)
+  return infer
 
 
 def _checked_folding(model, variables, specs, kwargs, examples, reference) -> tuple[folding.Folding, Any]:
