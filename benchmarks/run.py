@@ -12,6 +12,8 @@ Sections (medians over repeated runs after warm-up and compilation; ratios measu
   input     CIFAR-10 JPEG folder pipeline throughput (images/s) vs. what the training step consumes.
   placement training images/s with the splits resident on the devices (1 and 10 steps per dispatch) vs.
             streamed from the host by Grain, same model and batch.
+  norm      the bounded norm's forward+backward (closed-form vs autodiff backward, flax BatchNorm, PyTorch, an
+            elementwise pass) and the CIFAR steps with either backward (benchmarks/norm_speed.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from norm_speed import bench_norm
 
 from receding_jax import pruning
 from receding_jax.models import get_model
@@ -266,7 +269,7 @@ def print_table(title: str, rows: list[dict]) -> None:
   print(f"\n## {title}")
   if not rows:
     return
-  keys = [k for k in rows[0] if not isinstance(rows[0][k], dict)]
+  keys = list(dict.fromkeys(k for row in rows for k in row if not isinstance(row[k], dict)))
   print("| " + " | ".join(keys) + " |")
   print("|" + "---|" * len(keys))
   for row in rows:
@@ -312,7 +315,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="fewer repeats, no resnet50 step")
   parser.add_argument("--out", default=str(REPO / "benchmarks" / "results.json"))
-  parser.add_argument("--only", default="train,penalty,pruned,prune,input,placement",
+  parser.add_argument("--only", default="train,penalty,pruned,prune,input,placement,norm",
                       help="sections to run; the others' rows are kept from --out")
   args = parser.parse_args()
   only = set(args.only.split(","))
@@ -335,7 +338,8 @@ def main() -> None:
               ("input", "Input pipeline (CIFAR-10 JPEG folder, batch 128)",
                lambda: bench_input(args.quick, report["results"].get("train", []))),
               ("placement", "Training with device-resident vs streamed data (CIFAR-10 folder, VGG-16/4, batch 128)",
-               lambda: bench_placement(args.quick))]
+               lambda: bench_placement(args.quick)),
+              ("norm", "Bounded norm: closed-form vs autodiff backward", lambda: bench_norm(args.quick))]
   for key, title, fn in sections:
     if key in only:
       report["results"][key] = fn()

@@ -1,0 +1,197 @@
+"""The bounded norm's speed: `run.py`'s ``norm`` section (closed-form backward against autodiff, Flax, PyTorch).
+
+Rows of two kinds, each timed round-robin (one call of every variant per round, so the machine's drift hits
+all alike; ratios are medians of the per-round ratios):
+  - norm + ReLU forward and backward (gradient wrt the input and the norm's parameters, running statistics
+    updated) on ResNet-56's activation shapes: `BoundedScaleNorm` with the closed-form backward, the same
+    module differentiated by autodiff (the previous path), `flax.linen.BatchNorm`, an elementwise pass
+    relu(x * a + b) with its gradient (x, a, b), and PyTorch's BatchNorm2d + ReLU (NCHW) when installed;
+  - the CIFAR training step (ResNet-56, VGG-16) with each of the two backward paths, with the norms'
+    statistics removed altogether (`scale_only`: the most any norm formulation could save), and PyTorch's.
+The other paths are selected by `norm_training_function`, which swaps the module's training function
+while a step is compiled: a benchmark-only switch, not a library option.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from receding_jax import norm
+
+#: ResNet-56's activation shapes (NHWC) at batch 64: 19, 18 and 18 norms of each.
+ACTIVATION_SHAPES = ((64, 32, 32, 16), (64, 16, 16, 32), (64, 8, 8, 64))
+
+
+@contextlib.contextmanager
+def norm_training_function(replacement: Callable) -> Iterator[None]:
+  """While open, `BoundedScaleNorm` trains through `replacement` (signature of `norm.bounded_norm_train`).
+
+  A benchmark-only switch. A function keeps the path it was traced with: trace (call) each step inside, as
+  a jitted function of its own (the steps here are fresh lambdas; no jitted function in the models holds a
+  norm)."""
+  closed_form = norm.bounded_norm_train
+  norm.bounded_norm_train = replacement
+  try:
+    yield
+  finally:
+    norm.bounded_norm_train = closed_form
+
+
+def autodiff_backward() -> contextlib.AbstractContextManager:
+  """The previous path: autodiff of the two-pass formula."""
+  return norm_training_function(norm.bounded_norm_train_autodiff)
+
+
+def scale_only(x, logit, bias, feature_axes, epsilon, dtype=None, axis_name=None, axis_index_groups=None):
+  """Not a norm: y = x * sigmoid(logit) (+ bias), no statistics. Timing floor of what any norm can save."""
+  del epsilon, axis_name, axis_index_groups
+  scale = norm.per_channel(norm.bounded_scale(logit), x.shape, feature_axes)
+  y = x * scale if bias is None else x * scale + norm.per_channel(bias, x.shape, feature_axes)
+  stats = jnp.zeros(logit.shape, jnp.float32)
+  return y.astype(dtype or y.dtype), stats, stats + 1.0
+
+
+def interleaved_seconds(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+  """Seconds of each call, round-robin over `fns` for `rounds` rounds after one warm-up call each."""
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+  """Median over rounds of a / b (both timed in the same round)."""
+  return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def module_step(module: nn.Module, x: jax.Array, cotangent: jax.Array) -> Callable[[], object]:
+  """A jitted call of module + ReLU in training mode, pulled back: (d params, dx, updated statistics)."""
+  variables = module.init(jax.random.key(0), x)
+  params, stats = variables["params"], variables["batch_stats"]
+
+  def forward(params, x):
+    y, updates = module.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+    return jax.nn.relu(y), updates
+
+  def step(params, x):
+    _, pull_back, updates = jax.vjp(forward, params, x, has_aux=True)
+    return pull_back(cotangent), updates
+
+  jitted = jax.jit(step)
+  jitted(params, x)  # Traced now, so `autodiff_backward` around this call selects the path.
+  return lambda: jitted(params, x)
+
+
+def elementwise_step(x: jax.Array, cotangent: jax.Array) -> Callable[[], object]:
+  """relu(x * a + b) with per-channel a, b, pulled back to (da, db, dx): the memory traffic floor."""
+  a, b = jnp.full(x.shape[-1], 1.5), jnp.full(x.shape[-1], 0.1)
+  step = jax.jit(lambda a, b, x: jax.vjp(lambda a, b, x: jax.nn.relu(x * a + b), a, b, x)[1](cotangent))
+  return lambda: step(a, b, x)
+
+
+def torch_norm_step(shape_nhwc: tuple[int, ...]) -> Callable[[], object] | None:
+  """PyTorch's BatchNorm2d + ReLU forward and backward on the same activation in NCHW; None without torch."""
+  try:
+    import torch
+  except ImportError:
+    return None
+  n, h, w, c = shape_nhwc
+  bn = torch.nn.BatchNorm2d(c).train()
+  x = torch.randn(n, c, h, w, requires_grad=True)
+  cotangent = torch.randn(n, c, h, w)
+
+  def step():
+    x.grad = None
+    bn.zero_grad(set_to_none=True)
+    torch.relu(bn(x)).backward(cotangent)
+    return 0.0
+
+  return step
+
+
+def norm_rows(quick: bool) -> list[dict]:
+  """Norm + ReLU forward and backward per activation shape, milliseconds and ratios (see module doc)."""
+  rows = []
+  for shape in ACTIVATION_SHAPES:
+    keys = jax.random.split(jax.random.key(1), 2)
+    x = 2.0 + jax.random.normal(keys[0], shape)
+    cotangent = jax.random.normal(keys[1], shape)
+    bounded = norm.BoundedScaleNorm(use_running_average=False)
+    fns = {"closed_form": module_step(bounded, x, cotangent)}
+    with autodiff_backward():
+      fns["autodiff"] = module_step(bounded, x, cotangent)
+    fns["flax_batchnorm"] = module_step(nn.BatchNorm(use_running_average=False, momentum=0.9), x, cotangent)
+    fns["elementwise"] = elementwise_step(x, cotangent)
+    torch_step = torch_norm_step(shape)
+    if torch_step is not None:
+      fns["torch_batchnorm"] = torch_step
+    times = interleaved_seconds(fns, rounds=10 if quick else 30)
+    row = {"shape": "x".join(map(str, shape))}
+    row.update({f"{name}_ms": 1e3 * statistics.median(t) for name, t in times.items()})
+    row["autodiff_over_closed_form"] = median_ratio(times["autodiff"], times["closed_form"])
+    row["closed_form_over_flax"] = median_ratio(times["closed_form"], times["flax_batchnorm"])
+    row["closed_form_over_elementwise"] = median_ratio(times["closed_form"], times["elementwise"])
+    if torch_step is not None:
+      row["closed_form_over_torch"] = median_ratio(times["closed_form"], times["torch_batchnorm"])
+    rows.append(row)
+  return rows
+
+
+def training_step_rows(quick: bool, batch: int = 64) -> list[dict]:
+  """The CIFAR training step with the closed-form and the autodiff backward (and PyTorch's), interleaved."""
+  sys.path.insert(0, str(pathlib.Path(__file__).parent))
+  from run import cifar_trainer, step_runner
+
+  rows = []
+  for name in ("cifar_resnet56", "cifar_vgg16"):
+    fns = {"closed_form": first_call_done(step_runner(cifar_trainer(name, batch))[0])}
+    with autodiff_backward():
+      fns["autodiff"] = first_call_done(step_runner(cifar_trainer(name, batch))[0])
+    with norm_training_function(scale_only):
+      fns["no_statistics"] = first_call_done(step_runner(cifar_trainer(name, batch))[0])
+    try:
+      from torch_reference import make_train_step
+
+      fns["torch"] = make_train_step(name, batch)
+    except ImportError:
+      pass
+    times = interleaved_seconds(fns, rounds=3 if quick else 9)
+    row = {"model": name, "batch": batch}
+    row.update({f"{key}_step_ms": 1e3 * statistics.median(t) for key, t in times.items()})
+    row["speedup"] = median_ratio(times["autodiff"], times["closed_form"])
+    row["speedup_without_statistics"] = median_ratio(times["autodiff"], times["no_statistics"])
+    if "torch" in times:
+      row["closed_form_over_torch"] = median_ratio(times["closed_form"], times["torch"])
+    rows.append(row)
+  return rows
+
+
+def first_call_done(run: Callable[[], object]) -> Callable[[], object]:
+  """`run` after one call, so that its compilation (and the norm path it traced) happens here."""
+  jax.block_until_ready(run())
+  return run
+
+
+def bench_norm(quick: bool) -> list[dict]:
+  """The ``norm`` section: per-shape norm rows, then the training-step rows."""
+  return norm_rows(quick) + training_step_rows(quick)
+
+
+if __name__ == "__main__":
+  for result in bench_norm(quick="--quick" in sys.argv):
+    print({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()})
+    sys.stdout.flush()
