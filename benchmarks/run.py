@@ -12,6 +12,10 @@ Sections (medians over repeated runs after warm-up and compilation; ratios measu
   input     CIFAR-10 JPEG folder pipeline throughput (images/s) vs. what the training step consumes.
   placement training images/s with the splits resident on the devices (1 and 10 steps per dispatch) vs.
             streamed from the host by Grain, same model and batch.
+  export    deployed latency (JAX on CPU, LiteRT 1 and 2 threads) and .tflite size of CIFAR VGG-16 / ResNet-56
+            unpruned vs. pruned 50% and 90%, batch 1 and 64, beside the FLOP ratio (benchmarks/export_latency.py;
+            needs the [export] extra). export_accuracy: a trained checkpoint's exports on the CIFAR-10 test split
+            (--export_checkpoint, --cifar_folder).
   norm      the bounded norm's forward+backward (closed-form vs autodiff backward, flax BatchNorm, PyTorch, an
             elementwise pass) and the CIFAR steps with either backward (benchmarks/norm_speed.py).
 """
@@ -32,6 +36,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from export_latency import bench_export, bench_export_accuracy
 from norm_speed import bench_norm
 
 from receding_jax import pruning
@@ -317,6 +322,8 @@ def main() -> None:
   parser.add_argument("--out", default=str(REPO / "benchmarks" / "results.json"))
   parser.add_argument("--only", default="train,penalty,pruned,prune,input,placement,norm",
                       help="sections to run; the others' rows are kept from --out")
+  parser.add_argument("--export_checkpoint", default=None, help="export_accuracy: a trained CIFAR-10 checkpoint")
+  parser.add_argument("--cifar_folder", default="/tmp/cifar10-jpeg", help="export_accuracy: the extracted JPEGs")
   args = parser.parse_args()
   only = set(args.only.split(","))
   device = jax.devices()[0]
@@ -339,6 +346,9 @@ def main() -> None:
                lambda: bench_input(args.quick, report["results"].get("train", []))),
               ("placement", "Training with device-resident vs streamed data (CIFAR-10 folder, VGG-16/4, batch 128)",
                lambda: bench_placement(args.quick)),
+              ("export", "Deployed latency: JAX vs LiteRT (XNNPACK)", lambda: bench_export(args.quick)),
+              ("export_accuracy", "Exports on the CIFAR-10 test split",
+               lambda: bench_export_accuracy(args.export_checkpoint, args.cifar_folder)),
               ("norm", "Bounded norm: closed-form vs autodiff backward", lambda: bench_norm(args.quick))]
   for key, title, fn in sections:
     if key in only:
