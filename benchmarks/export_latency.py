@@ -127,3 +127,35 @@ def bench_export_accuracy(checkpoint_dir: str, folder: str) -> list[dict]:
            "same_predictions_as_jax": float(np.mean(p.argmax(-1) == reference)),
            "params": pruning.count_params(variables), "file_bytes": report["files"].get(name, {}).get("bytes")}
           for name, p in predictions.items()]
+
+
+def bench_export_tiles(quick: bool) -> list[dict]:
+  """LiteRT time of six 3x3 convolutions c -> c on a 32x32 map (batch 1, 1 thread) for widths around
+  multiples of 8: how XNNPACK's cost steps with the width (FLOPs grow as c^2). Round-robin timing."""
+  import flax.linen as nn
+
+  class Stack(nn.Module):
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+      for i in range(6):
+        x = nn.relu(nn.Conv(self.width, (3, 3), name=f"conv{i}")(x))
+      return x
+
+  interpreters = {}
+  for width in (4, 5, 8, 9, 11, 16, 17, 24, 25):
+    stack = Stack(width)
+    params = stack.init(jax.random.key(0), jnp.zeros((1, 32, 32, width)))
+    interp = litert.interpreter(litert.to_tflite(lambda x, s=stack, p=params: s.apply(p, x), (1, 32, 32, width)), 1)
+    interp.set_tensor(interp.get_input_details()[0]["index"], np.ones((1, 32, 32, width), np.float32))
+    interpreters[width] = interp
+  times: dict[int, list[float]] = {w: [] for w in interpreters}
+  for _ in range(100 if quick else 300):
+    for width, interp in interpreters.items():
+      start = time.perf_counter()
+      interp.invoke()
+      times[width].append(time.perf_counter() - start)
+  return [{"layers": "6 x conv3x3 c->c, 32x32, batch 1, 1 thread", "width": w,
+           "litert_ms": 1e3 * statistics.median(t), "ms_per_width_squared": 1e3 * statistics.median(t) / w**2}
+          for w, t in times.items()]

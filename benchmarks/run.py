@@ -15,7 +15,7 @@ Sections (medians over repeated runs after warm-up and compilation; ratios measu
   export    deployed latency (JAX on CPU, LiteRT 1 and 2 threads) and .tflite size of CIFAR VGG-16 / ResNet-56
             unpruned vs. pruned 50% and 90%, batch 1 and 64, beside the FLOP ratio (benchmarks/export_latency.py;
             needs the [export] extra). export_accuracy: a trained checkpoint's exports on the CIFAR-10 test split
-            (--export_checkpoint, --cifar_folder).
+            (--export_checkpoint, --cifar_folder). export_tiles: LiteRT time of a conv stack against its width.
   norm      the bounded norm's forward+backward (closed-form vs autodiff backward, flax BatchNorm, PyTorch, an
             elementwise pass) and the CIFAR steps with either backward (benchmarks/norm_speed.py).
 """
@@ -36,7 +36,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from export_latency import bench_export, bench_export_accuracy
+from export_latency import bench_export, bench_export_accuracy, bench_export_tiles
 from norm_speed import bench_norm
 
 from receding_jax import pruning
@@ -347,6 +347,7 @@ def main() -> None:
               ("placement", "Training with device-resident vs streamed data (CIFAR-10 folder, VGG-16/4, batch 128)",
                lambda: bench_placement(args.quick)),
               ("export", "Deployed latency: JAX vs LiteRT (XNNPACK)", lambda: bench_export(args.quick)),
+              ("export_tiles", "LiteRT cost against width (XNNPACK tiles)", lambda: bench_export_tiles(args.quick)),
               ("export_accuracy", "Exports on the CIFAR-10 test split",
                lambda: bench_export_accuracy(args.export_checkpoint, args.cifar_folder)),
               ("norm", "Bounded norm: closed-form vs autodiff backward", lambda: bench_norm(args.quick))]
