@@ -1,8 +1,9 @@
 """Deployment: norms folded into the layers before them, exported to StableHLO (`jax.export`) and LiteRT.
 
-`export_model` writes a verified export folder from a Linen model and its variables; `fold_norms`-level
-pieces are in `folding`. StableHLO needs only jax; the LiteRT format needs the ``[export]`` extra
-(TensorFlow, ai-edge-litert), imported only when a TFLite file is made or run.
+`export_model` writes a verified export folder from a Linen model and its variables (or an NNX model);
+`find_folds`, `fold_variables` and `folded_function` are the folding on its own. StableHLO needs only jax;
+the LiteRT format needs the ``[export]`` extra (TensorFlow, ai-edge-litert), imported only when a TFLite
+file is made or run.
 """
 
 from receding_jax.deploy.folding import Folding, find_folds, fold_variables, folded_function

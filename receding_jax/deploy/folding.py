@@ -3,9 +3,10 @@
 In inference mode a norm is a per-channel affine map, y = a * z + c (a = scale / sqrt(var + eps), c = bias
 - mean * a). When its input z is the output of a convolution or dense layer, the multiplication moves
 into that layer's kernel (its output axis, the last) and the addition into its bias, so the deployed
-network runs one layer where training ran two. Which norm follows which layer is found by running the
+network runs one layer where training ran two. Which norm follows which layer is found by tracing the
 model once and matching the array each norm receives to the array a layer returned (the same object: no
-operation between them); `a` and `c` come from the norm's own code, evaluated on zeros and ones, so any
+operation between them); `a` and `c` come from the norm's own code, evaluated on zeros, ones and twos
+(one compilation for all norms), so any
 norm whose inference mode is per-channel affine along the last axis folds (`BoundedScaleNorm`,
 `flax.linen.BatchNorm`, or those passed as `norm_types`).
 
