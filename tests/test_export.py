@@ -174,7 +174,8 @@ def test_the_command_exports_a_pruned_checkpoint_that_matches_it(runs, tmp_path,
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--checkpoint_dir", "{runs}/missing", "--output_dir", "{tmp}/out"], "checkpoint_dir .*missing does not exist"),
+    (["--checkpoint_dir", "{runs}/missing", "--output_dir", "{tmp}/out", "--format", "stablehlo"],
+     "checkpoint_dir .*missing does not exist"),
     (["--checkpoint_dir", "{runs}/run", "--output_dir", "{runs}/pruned"], "exists; refusing to overwrite"),
     (["--checkpoint_dir", "{runs}/run", "--output_dir", "{tmp}/out", "--format", "onnx"], "unknown export format"),
     (["--checkpoint_dir", "{runs}/odd", "--output_dir", "{tmp}/out", "--format", "stablehlo"],

@@ -17,7 +17,7 @@ import numpy as np
 
 #: Post-training variants: weights stored in float16, or int8 with dynamic-range activations.
 QUANTIZATIONS = ("float16", "int8")
-INSTALL_HINT = "pip install -e '.[export]'  (TensorFlow and ai-edge-litert)"
+INSTALL_HINT = "pip install -e '.[export]' (TensorFlow and ai-edge-litert)"
 
 
 class MissingExportTools(ImportError):
@@ -28,7 +28,7 @@ def _require(module: str) -> Any:
   try:
     return importlib.import_module(module)
   except ImportError as e:
-    raise MissingExportTools(f"the TFLite export needs {module.split('.')[0]}: {INSTALL_HINT} ({e})") from None
+    raise MissingExportTools(f"the TFLite export needs {module.split('.')[0]}: {INSTALL_HINT}; {e}") from None
 
 
 def require_export_tools() -> None:
