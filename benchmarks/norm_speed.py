@@ -38,17 +38,22 @@ def norm_training_function(replacement: Callable) -> Iterator[None]:
   A benchmark-only switch. A function keeps the path it was traced with: trace (call) each step inside, as
   a jitted function of its own (the steps here are fresh lambdas; no jitted function in the models holds a
   norm)."""
-  closed_form = norm.bounded_norm_train
-  norm.bounded_norm_train = replacement
+  default = norm.training_function
+  norm.training_function = lambda closed_form: replacement
   try:
     yield
   finally:
-    norm.bounded_norm_train = closed_form
+    norm.training_function = default
 
 
 def autodiff_backward() -> contextlib.AbstractContextManager:
-  """The previous path: autodiff of the two-pass formula."""
+  """The default path: autodiff of the two-pass formula."""
   return norm_training_function(norm.bounded_norm_train_autodiff)
+
+
+def closed_form_backward() -> contextlib.AbstractContextManager:
+  """The opt-in path (``closed_form_backward=True``): the custom VJP."""
+  return norm_training_function(norm.bounded_norm_train)
 
 
 def scale_only(x, logit, bias, feature_axes, epsilon, dtype=None, axis_name=None, axis_index_groups=None):
@@ -131,7 +136,8 @@ def norm_rows(quick: bool) -> list[dict]:
     x = 2.0 + jax.random.normal(keys[0], shape)
     cotangent = jax.random.normal(keys[1], shape)
     bounded = norm.BoundedScaleNorm(use_running_average=False)
-    fns = {"closed_form": module_step(bounded, x, cotangent)}
+    with closed_form_backward():
+      fns = {"closed_form": module_step(bounded, x, cotangent)}
     with autodiff_backward():
       fns["autodiff"] = module_step(bounded, x, cotangent)
     fns["flax_batchnorm"] = module_step(nn.BatchNorm(use_running_average=False, momentum=0.9), x, cotangent)
@@ -158,7 +164,8 @@ def training_step_rows(quick: bool, batch: int = 64) -> list[dict]:
 
   rows = []
   for name in ("cifar_resnet56", "cifar_vgg16"):
-    fns = {"closed_form": first_call_done(step_runner(cifar_trainer(name, batch))[0])}
+    with closed_form_backward():
+      fns = {"closed_form": first_call_done(step_runner(cifar_trainer(name, batch))[0])}
     with autodiff_backward():
       fns["autodiff"] = first_call_done(step_runner(cifar_trainer(name, batch))[0])
     with norm_training_function(scale_only):

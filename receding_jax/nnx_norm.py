@@ -3,7 +3,7 @@
 Variables: ``scale_logit`` (`nnx.Param`, importance = sigmoid(logit)), optional ``bias`` (`nnx.Param`),
 ``mean`` and ``var`` (`nnx.BatchStat`, float32). The layout matches the Linen module's, so penalties,
 importances and pruning find it the same way; ``model.eval()`` switches it to the running statistics.
-Training mode runs `norm.bounded_norm_train` (closed-form backward), as the Linen module does.
+Training mode runs `norm.training_function(closed_form_backward)`, as the Linen module does.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from flax import nnx
 
 from receding_jax.norm import (
   Axes,
-  bounded_norm_train,
   bounded_scale,
   canonicalize_axes,
   normalize,
+  training_function,
   update_running_average,
 )
 
@@ -34,7 +34,8 @@ class NnxBoundedScaleNorm(nnx.Module):
     num_features: channels along `axis` (one axis).
     use_running_average: normalise with the running statistics (``eval()`` sets it, ``train()`` clears it).
     axis: the feature axis; momentum, epsilon, dtype, param_dtype, use_bias, logit_init, bias_init,
-      axis_name, axis_index_groups: as `norm.BoundedScaleNorm` (momentum 0.9 = PyTorch's 0.1, no bias).
+      axis_name, axis_index_groups, closed_form_backward: as `norm.BoundedScaleNorm` (momentum 0.9 =
+      PyTorch's 0.1, no bias).
     rngs: draws the logits (``rngs.params()``).
   """
 
@@ -53,6 +54,7 @@ class NnxBoundedScaleNorm(nnx.Module):
       bias_init: nnx.Initializer = nnx.initializers.zeros,
       axis_name: str | None = None,
       axis_index_groups: Any = None,
+      closed_form_backward: bool = False,
       rngs: nnx.Rngs,
   ):
     if not isinstance(num_features, int) or num_features < 1:
@@ -62,6 +64,7 @@ class NnxBoundedScaleNorm(nnx.Module):
     self.axis, self.momentum, self.epsilon = axis, momentum, epsilon
     self.dtype, self.use_bias = dtype, use_bias
     self.axis_name, self.axis_index_groups = axis_name, axis_index_groups
+    self.closed_form_backward = closed_form_backward
     shape = (num_features,)
     self.scale_logit = nnx.Param(logit_init(rngs.params(), shape, param_dtype))
     self.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype)) if use_bias else None
@@ -79,8 +82,9 @@ class NnxBoundedScaleNorm(nnx.Module):
     if running:
       return normalize(x, self.mean[...], self.var[...], bounded_scale(self.scale_logit[...]), bias, feature_axes,
                        self.epsilon, self.dtype)
-    y, mean, var = bounded_norm_train(x, self.scale_logit[...], bias, feature_axes, self.epsilon, self.dtype,
-                                      self.axis_name, self.axis_index_groups)
+    train = training_function(self.closed_form_backward)
+    y, mean, var = train(x, self.scale_logit[...], bias, feature_axes, self.epsilon, self.dtype, self.axis_name,
+                         self.axis_index_groups)
     self.mean[...] = update_running_average(self.mean[...], mean, self.momentum)
     self.var[...] = update_running_average(self.var[...], var, self.momentum)
     return y

@@ -135,7 +135,8 @@ def test_bfloat16_input_float32_statistics(dtype):
 
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_linen_module_gradients_and_running_statistics(use_bias):
-  norm = BoundedScaleNorm(axis=1, momentum=0.8, use_bias=use_bias, bias_init=nn.initializers.normal(1.0))
+  norm = BoundedScaleNorm(axis=1, momentum=0.8, use_bias=use_bias, bias_init=nn.initializers.normal(1.0),
+                          closed_form_backward=True)
   x, _, _, weight = inputs((8, 5, 3, 3), (1,), False, seed=5)
   variables = norm.init(jax.random.key(0), x, use_running_average=False)
   stats = {"mean": jnp.linspace(-1, 1, 5), "var": jnp.linspace(0.5, 2, 5)}
@@ -161,7 +162,7 @@ def test_linen_module_gradients_and_running_statistics(use_bias):
 
 def test_nnx_module_gradients_and_running_statistics():
   x, _, _, weight = inputs((16, 4, 4, 6), (3,), False, seed=6)
-  model = NnxBoundedScaleNorm(6, use_bias=True, momentum=0.7, rngs=nnx.Rngs(0))
+  model = NnxBoundedScaleNorm(6, use_bias=True, momentum=0.7, closed_form_backward=True, rngs=nnx.Rngs(0))
   logit, bias = model.scale_logit[...], model.bias[...]
 
   def loss(model, x):
@@ -212,3 +213,15 @@ def test_eight_devices_shard_map_and_sharded_jit_match_one_device():
   """)
   assert out.startswith("ok 8 ")
   assert float(out.split()[2]) > 0.01  # The logit gradient is not trivially zero.
+
+
+def test_modules_train_through_autodiff_unless_the_closed_form_is_asked_for():
+  x = jax.random.normal(jax.random.key(9), (8, 3, 3, 4))
+
+  def forward(module):
+    variables = module.init(jax.random.key(0), x, use_running_average=False)
+    return lambda v: module.apply(variables, v, use_running_average=False, mutable=["batch_stats"])[0]
+
+  jax.jvp(forward(BoundedScaleNorm()), (x,), (jnp.ones_like(x),))  # Autodiff: forward mode works.
+  with pytest.raises(TypeError, match="custom_vjp"):  # The custom VJP is reverse mode only.
+    jax.jvp(forward(BoundedScaleNorm(closed_form_backward=True)), (x,), (jnp.ones_like(x),))
