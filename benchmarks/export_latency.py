@@ -30,15 +30,11 @@ from receding_jax.pruning import models as pruning_models
 VARIANTS = ((0.0, 1), (0.5, 1), (0.5, 8), (0.9, 1), (0.9, 8))
 
 
-def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+def _median_ms(fn, repeats: int) -> float:
+  """`run.median_seconds` in milliseconds (imported here: run.py imports this module)."""
+  from run import median_seconds
+
+  return 1e3 * median_seconds(fn, repeats)
 
 
 def _litert_ms(model: bytes, x: np.ndarray, threads: int, repeats: int) -> float:

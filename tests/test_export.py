@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from receding_jax import BoundedScaleNorm, NnxBoundedScaleNorm, deploy, prune_params
-from receding_jax.deploy import stablehlo
+from receding_jax.deploy import litert, stablehlo
 from receding_jax.export import main as export_main
 from receding_jax.training import checkpointing, model_specs
 from receding_jax.training.pruned_checkpoint import prune_checkpoint
@@ -203,7 +203,7 @@ def test_tflite_export_of_a_pruned_checkpoint_runs_in_litert_with_builtin_ops_on
   assert sorted(report["files"]) == ["model.tflite", "model_float16.tflite", "model_int8.tflite"]
   main = report["files"]["model.tflite"]
   assert main["held_to_tolerance"] and main["relative_error"] <= deploy.TOLERANCE
-  assert main["operators"]["CONV_2D"] == 19 and not litert_non_builtin(main["operators"])
+  assert main["operators"]["CONV_2D"] == 19 and not litert.non_builtin(list(main["operators"]))
   sizes = {name: (tmp_path / "pruned" / name).stat().st_size for name in report["files"]}
   assert sizes["model_float16.tflite"] < 0.9 * sizes["model.tflite"]  # Small layers keep float32 biases.
   assert sizes["model.tflite"] < 0.8 * (tmp_path / "full" / "model.tflite").stat().st_size
@@ -220,9 +220,6 @@ def test_tflite_export_of_a_pruned_checkpoint_runs_in_litert_with_builtin_ops_on
   scale = float(np.abs(expected).max())
   np.testing.assert_allclose(interpreter.get_tensor(target["index"]), expected, rtol=0, atol=deploy.TOLERANCE * scale)
 
-
-def litert_non_builtin(operators):
-  return [op for op in operators if op.upper() == "CUSTOM" or op.startswith("Flex")]
 
 
 class NnxNet(nnx.Module):

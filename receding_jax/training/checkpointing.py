@@ -118,6 +118,17 @@ def restore(
   return restored["state"], dict(restored["model"])
 
 
+def read_step(directory: str | os.PathLike, step: int | None = None) -> tuple[PyTree, dict, int]:
+  """(state as host numpy arrays, model spec, step) of `step` (default: the newest) of the checkpoints in
+  `directory`, which is only read; errors as `restore`."""
+  manager = make_manager(directory, create=False)
+  try:
+    state, spec = restore(manager, step)
+    return state, spec, int(manager.latest_step() if step is None else step)
+  finally:
+    manager.close()
+
+
 def set_aside(manager: ocp.CheckpointManager, step: int) -> str:
   """Moves the (damaged) step `step` out of the manager's directory into ``<directory>_damaged/<step>``, on
   process 0, so that resuming from an older step can save this step number again; returns where it went."""

@@ -31,10 +31,7 @@ def export_checkpoint(
   source_dir = wd.path(checkpoint_dir)
   if not source_dir.is_dir():
     raise FileNotFoundError(f"checkpoint_dir {checkpoint_dir} does not exist")
-  manager = checkpointing.make_manager(source_dir, create=False)
-  state, spec = checkpointing.restore(manager, step)
-  source_step = int(manager.latest_step() if step is None else step)
-  manager.close()
+  state, spec, source_step = checkpointing.read_step(source_dir, step)
   spec = {**spec, "compute_dtype": "float32"} if "compute_dtype" in spec else spec
   try:
     model = model_specs.build_model(spec)

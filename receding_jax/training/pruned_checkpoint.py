@@ -80,10 +80,7 @@ def prune_checkpoint(
 def _read_source(source_dir, step: int | None, model_factory: str | None,
                  input_shape: tuple[int, ...] | None) -> tuple[Any, dict[str, Any], int]:
   """(state, the spec of the model to prune, step) of the source checkpoint; ValueError if already pruned."""
-  source = checkpointing.make_manager(source_dir, create=False)
-  state, spec = checkpointing.restore(source, step)
-  source_step = int(source.latest_step() if step is None else step)
-  source.close()
+  state, spec, source_step = checkpointing.read_step(source_dir, step)
   if model_factory is not None:
     spec = {"factory": model_factory}
   if input_shape is not None:
