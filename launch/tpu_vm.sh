@@ -11,8 +11,7 @@
 #   REPO_URL   where the workers clone this repository from (required)
 #   DATA_DIR   tfds data_dir with prepared datasets, e.g. gs://bucket/tensorflow_datasets (optional)
 #   EXTRA      more flags, e.g. "--config.optim.batch_size=1024"
-#   EXTRAS     pip extras (default train,gcs for gs:// workdirs; add tfdata when DATA_DIR holds TFRecord
-#              datasets, e.g. most ImageNet copies: only that extra installs TensorFlow)
+#   EXTRAS     pip extras (default train,gcs for gs:// workdirs)
 #
 # Example: TPU_NAME=rj ZONE=us-central2-b REPO_URL=https://example.org/receding-jax.git \
 #          WORKDIR=gs://my-bucket/runs/vgg-rni bash launch/tpu_vm.sh

@@ -1,5 +1,5 @@
-"""The TensorFlow-free input pipeline (splits, augment, streaming) on mocked tfds, CIFAR-10, the digits and tfds
-datasets on disk: determinism, resume, sharding, padding, TFRecord, and TensorFlow unimportable."""
+"""The TensorFlow-free input pipeline (splits, augment, streaming, tfrecord) on mocked tfds, CIFAR-10, the digits
+and tfds datasets on disk: determinism, resume, sharding, padding, TFRecord, and TensorFlow unimportable."""
 
 import io
 import json
@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
+from tiny_png_images import TFRECORD_DIR, TinyPngImages
 
-from receding_jax.training import augment, splits, streaming
+from receding_jax.training import augment, splits, streaming, tfrecord
 from receding_jax.training.config import default_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -23,7 +24,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def cifar_config(batch_size=8, **dataset):
   c = default_config()
   c.optim.batch_size = batch_size
-  c.dataset.shuffle_buffer = 1000
   for k, v in dataset.items():
     setattr(c.dataset, k, v)
   return c
@@ -56,32 +56,6 @@ def records(split):
   return [(r["image"] if isinstance(r["image"], bytes) else np.asarray(r["image"]).tobytes(), r["label"]) for r in rows]
 
 
-def png(array):
-  buf = io.BytesIO()
-  Image.fromarray(array).save(buf, format="PNG")
-  return buf.getvalue()
-
-
-class TinyPngImages(tfds.core.GeneratorBasedBuilder):
-  """A real (not mocked) tfds dataset on disk: 40 random 32x32 PNGs, labels 0..9, split 'train'. The images
-  are given encoded, so that preparing it as ArrayRecord needs no TensorFlow."""
-
-  VERSION = tfds.core.Version("1.0.0")
-
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(32, 32, 3)), "label": tfds.features.ClassLabel(num_classes=10)}))
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {"train": self._generate_examples(40)}
-
-  def _generate_examples(self, n):
-    rng = np.random.default_rng(0)
-    for i in range(n):
-      yield i, {"image": png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), "label": i % 10}
-
-
 @pytest.fixture(scope="module")
 def array_record_dir(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("array_record")
@@ -89,14 +63,15 @@ def array_record_dir(tmp_path_factory):
   return data_dir
 
 
-@pytest.fixture(scope="module")
-def tfrecord_dir(tmp_path_factory):
-  pytest.importorskip("tensorflow")  # Writing TFRecord files needs it.
-  data_dir = tmp_path_factory.mktemp("tfrecord")
-  builder = TinyPngImages(data_dir=str(data_dir))
-  builder.download_and_prepare()
-  assert builder.info.file_format == tfds.core.FileFormat.TFRECORD
-  return data_dir
+@pytest.fixture
+def tfrecord_dir(tmp_path):
+  """A copy of the committed TFRecord files of the same dataset, written by tfds and TensorFlow (3 shards)."""
+  shutil.copytree(TFRECORD_DIR, tmp_path, dirs_exist_ok=True)
+  return tmp_path
+
+
+def tfrecord_shards(data_dir):
+  return sorted((data_dir / "tiny_png_images" / "1.0.0").glob("*.tfrecord-*"))
 
 
 def test_mocked_cifar_batches_have_the_right_shapes_and_are_normalised():
@@ -254,37 +229,82 @@ def test_validation_is_carved_from_an_array_record_tfds_split_and_sharded(array_
   assert set().union(*map(set, map(records, parts))) == set(records(train))
 
 
-def test_a_tfrecord_dataset_streams_through_tf_data_like_its_array_record_twin(array_record_dir, tfrecord_dir):
-  c = cifar_config(name="tiny_png_images", data_dir=str(tfrecord_dir), validation_examples=10)
-  twin = cifar_config(name="tiny_png_images", data_dir=str(array_record_dir), validation_examples=10)
-  split = splits.load_split(c, "train", 1, 2)
-  assert not split.random_access and (split.num_examples, split.total_examples) == (15, 30)
-  # The same examples and the same preprocessing: evaluation batches match the ArrayRecord ones.
-  got = list(streaming.eval_batches(split, c))
-  want = list(streaming.eval_batches(splits.load_split(twin, "train", 1, 2), twin))
-  for key in ("image", "label", "mask"):
-    np.testing.assert_array_equal(concat(got, key), concat(want, key))
-  # Training: (seed, epoch) decide everything, and a resumed epoch matches.
-  full = list(streaming.train_batches(split, c, epoch=2))
-  tail = list(streaming.train_batches(split, c, epoch=2, skip_steps=1))
-  assert len(full) == 15 // 4 and len(tail) == len(full) - 1
-  np.testing.assert_array_equal(concat(tail, "image"), concat(full[1:], "image"))
-  assert splits.decoded_arrays(split)[0].shape == (15, 32, 32, 3)
-
-
-def test_a_tfrecord_dataset_without_tensorflow_names_both_ways_out(array_record_dir, tmp_path, monkeypatch):
-  # The dataset's metadata says TFRecord (as tfds would have written it): load_split must stop there, before
-  # reading any file, so this needs no TensorFlow to write real TFRecord files.
-  shutil.copytree(array_record_dir, tmp_path, dirs_exist_ok=True)
-  info = tmp_path / "tiny_png_images" / "1.0.0" / "dataset_info.json"
-  info.write_text(json.dumps({**json.loads(info.read_text()), "fileFormat": "tfrecord"}))
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_a_tfrecord_dataset_reads_like_its_array_record_twin_without_tensorflow(array_record_dir, tfrecord_dir,
+                                                                                 monkeypatch, processes):
   monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` now raises ImportError.
-  c = cifar_config(name="tiny_png_images", data_dir=str(tmp_path))
-  with pytest.raises(ValueError, match="TFRecord") as error:
+  c, twin = (cifar_config(name="tiny_png_images", data_dir=str(d), validation_examples=10, eval_split="train[5:33]")
+             for d in (tfrecord_dir, array_record_dir))
+  for role, total in [("train", 30), ("validation", 10), ("test", 28)]:  # test: a slice across the 3 files.
+    for p in range(processes):
+      got, want = splits.load_split(c, role, p, processes), splits.load_split(twin, role, p, processes)
+      assert (got.num_examples, got.total_examples) == (want.num_examples, want.total_examples)
+      assert got.total_examples == total
+      # The same examples in the same order: pixels and labels, and so the same batches.
+      for a, b in zip(splits.decoded_arrays(got), splits.decoded_arrays(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+      for key in ("image", "label", "mask"):
+        np.testing.assert_array_equal(concat(streaming.eval_batches(got, c), key),
+                                      concat(streaming.eval_batches(want, twin), key))
+      if role == "train":
+        for key in ("image", "label"):
+          np.testing.assert_array_equal(concat(streaming.train_batches(got, c, epoch=2), key),
+                                        concat(streaming.train_batches(want, twin, epoch=2), key))
+  assert sys.modules["tensorflow"] is None  # Never imported (it would have replaced the None).
+
+
+def test_tfrecord_records_are_the_encoded_images_and_their_crcs_check(tfrecord_dir):
+  builder = tfds.builder("tiny_png_images", data_dir=str(tfrecord_dir))
+  source = tfrecord.load(builder, "train[12:30]")  # Starts in the first file, ends in the third.
+  assert len(source) == 18 and set(source.file_ids.tolist()) == {0, 1, 2}
+  record = source[0]
+  assert record["image"].startswith(b"\x89PNG") and augment.decode(record["image"], 3).shape == (32, 32, 3)
+  assert tfrecord.crc32c(b"123456789") == 0xE3069283  # The standard check value of CRC-32C.
+  for path in tfrecord_shards(tfrecord_dir):  # Every CRC that TensorFlow wrote, recomputed.
+    data, position = path.read_bytes(), 0
+    while position < len(data):
+      length = int(np.frombuffer(data[position : position + 8], "<u8")[0])
+      body = data[position + 12 : position + 12 + length]
+      stored = np.frombuffer(data[position + 8 : position + 12] + data[position + 12 + length :][:4], "<u4")
+      assert [tfrecord.masked_crc(tfrecord.crc32c(x)) for x in (data[position : position + 8], body)] == list(stored)
+      position += 16 + length
+
+
+def damage(path, how):
+  """Damages a TFRecord file as `how` says; returns the byte its error names (None: any)."""
+  data = bytearray(path.read_bytes())
+  second = 16 + int(np.frombuffer(data[:8], "<u8")[0])  # Where the second record starts.
+  if how == "truncated":
+    path.write_bytes(data[:-10])
+    return None
+  where = {"length flipped": second, "bytes appended": len(data), "data flipped": 12}[how]
+  if how == "bytes appended":
+    data += bytes(5)
+  else:  # A bit of the second record's length, or of the first record's data (its PNG).
+    data[second + 2 if how == "length flipped" else 12 + 40] ^= 0x01
+  path.write_bytes(data)
+  return where
+
+
+@pytest.mark.parametrize("how", ["truncated", "length flipped", "bytes appended", "data flipped"])
+def test_a_corrupt_tfrecord_file_stops_loading_with_its_name(tfrecord_dir, how):
+  # The data's CRC is checked by google_crc32c, which the [train] extra installs.
+  path = tfrecord_shards(tfrecord_dir)[0]  # Holds the split's first examples, read as the split loads.
+  offset = damage(path, how)
+  c = cifar_config(name="tiny_png_images", data_dir=str(tfrecord_dir))
+  with pytest.raises(ValueError, match="corrupt") as error:
     splits.load_split(c, "train", 0, 1)
   message = str(error.value)
-  assert 'pip install "receding-jax[tfdata]"' in message and "--file_format=array_record" in message
-  assert "\n" not in message
+  assert str(path) in message and "\n" not in message
+  assert offset is None or f"at byte {offset}:" in message
+
+
+def test_a_tfds_format_read_neither_by_tfds_nor_tfrecord_names_the_way_out(tfrecord_dir):
+  info = tfrecord_dir / "tiny_png_images" / "1.0.0" / "dataset_info.json"
+  info.write_text(json.dumps({**json.loads(info.read_text()), "fileFormat": "riegeli"}))
+  with pytest.raises(ValueError, match="stored as riegeli") as error:
+    splits.load_split(cifar_config(name="tiny_png_images", data_dir=str(tfrecord_dir)), "train", 0, 1)
+  assert "tfds build tiny_png_images --file_format=array_record" in str(error.value)
 
 
 def test_impossible_validation_splits_are_refused():
@@ -386,13 +406,26 @@ c = default_config()
 c.dataset.name, c.dataset.data_dir, c.optim.batch_size = "tiny_png_images", sys.argv[2], 8
 batch = next(streaming.train_batches(splits.load_split(c, "train", 0, 1), c, 0))
 assert batch["image"].shape == (8, 32, 32, 3)
+# The same dataset as TFRecord gives the same batch, from a local disk and from gs:// (in memory here).
+import pathlib
+import numpy as np
+sys.path.insert(0, "tests")
+import fake_gcs
+fake_gcs.install()
+from etils import epath
+for f in filter(pathlib.Path.is_file, pathlib.Path(sys.argv[3]).rglob("*")):
+  (epath.Path("gs://bucket/tfds") / f.relative_to(sys.argv[3])).write_bytes(f.read_bytes())
+for c.dataset.data_dir in (sys.argv[3], "gs://bucket/tfds"):
+  tfrecord_batch = next(streaming.train_batches(splits.load_split(c, "train", 0, 1), c, 0))
+  np.testing.assert_array_equal(tfrecord_batch["image"], batch["image"])
 assert "tensorflow" not in sys.modules
 print("no tensorflow")
 """
 
 
-def test_batches_are_made_with_tensorflow_unimportable(cifar10_folder, array_record_dir):
-  result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW, str(cifar10_folder), str(array_record_dir)],
+def test_batches_are_made_with_tensorflow_unimportable(cifar10_folder, array_record_dir, tfrecord_dir):
+  result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW, str(cifar10_folder), str(array_record_dir),
+                           str(tfrecord_dir)],
                           cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
                           timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -18,7 +18,7 @@ import optax
 import pytest
 
 from receding_jax.models import model_from_spec
-from receding_jax.training import checkpointing, experiment, loop, steps
+from receding_jax.training import checkpointing, experiment, loop, steps, workdir_files
 from receding_jax.training import optimizer as recipe
 from receding_jax.training.config import default_config, model_spec, paper_config, validate_config
 from receding_jax.training.workdir_files import WorkdirLockedError
@@ -101,6 +101,19 @@ def test_a_workdir_holding_another_configs_run_is_refused_untouched(quickstart_r
   with pytest.raises(ValueError, match=r"another config.*optim"):
     loop.train_and_evaluate(other, str(workdir))
   assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+
+
+def test_a_workdir_recorded_with_a_since_retired_key_still_resumes(tmp_path):
+  config = load_config(QUICKSTART)
+  workdir_files.check_config(tmp_path, config)  # Records config.json.
+  recorded = json.loads((tmp_path / "config.json").read_text())
+  recorded["dataset"]["shuffle_buffer"] = 50_000  # What a run recorded before the key was retired.
+  (tmp_path / "config.json").write_text(json.dumps(recorded))
+  workdir_files.check_config(tmp_path, config)  # Accepted: the key no longer exists.
+  recorded["dataset"]["validation_seed"] += 1  # A key that does exist still counts.
+  (tmp_path / "config.json").write_text(json.dumps(recorded))
+  with pytest.raises(ValueError, match=r"another config.*dataset"):
+    workdir_files.check_config(tmp_path, config)
 
 
 def test_rerunning_a_finished_run_changes_nothing_and_reports_its_result(quickstart_run):

@@ -48,7 +48,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset.augment = "cifar"  # One of AUGMENTATIONS.
   c.dataset.mean = (0.4914, 0.4822, 0.4465)  # Per-channel normalisation, on [0, 1] pixels.
   c.dataset.std = (0.2023, 0.1994, 0.2010)
-  c.dataset.shuffle_buffer = 50_000
 
   # Where batches come from (receding_jax.training.data): 'device' keeps the splits' uint8 images on the
   # accelerators and runs `steps_per_dispatch` steps per dispatch; 'streaming' decodes and augments on the
@@ -247,6 +246,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(config.finetune.num_epochs >= 1, "finetune.num_epochs", config.finetune.num_epochs, "at least 1")
 
 
+#: Keys configs no longer have ("section.key"): a workdir's config.json that still holds them resumes.
+RETIRED_KEYS = ("dataset.shuffle_buffer",)  # Only the tf.data stream of TFRecord datasets used it.
+
+
+def without_retired_keys(saved: Mapping[str, Any]) -> dict[str, Any]:
+  """A recorded config (as JSON) without the `RETIRED_KEYS` it may hold."""
+  saved = {k: dict(v) if isinstance(v, Mapping) else v for k, v in saved.items()}
+  for key in RETIRED_KEYS:
+    section, name = key.split(".")
+    if isinstance(saved.get(section), dict):
+      saved[section].pop(name, None)
+  return saved
+
+
 def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
   """The top-level keys whose values differ between two configs (as dicts, e.g. read from config.json)."""
   return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
@@ -312,7 +325,6 @@ def paper_config(dataset: str, model: str, method: str) -> ml_collections.Config
     c.dataset.eval_split = "validation"
     c.dataset.image_size = 224
     c.dataset.augment = "imagenet"
-    c.dataset.shuffle_buffer = 16_384
     c.optim.batch_size = 256
     c.optim.num_epochs = 90
     c.optim.decay_fractions = (1 / 3, 2 / 3)

@@ -6,10 +6,9 @@
 - ``digits``: scikit-learn's embedded 8x8 digits; the first `DIGITS_TRAIN` train, the rest test.
 - ``folder``: ``folder/<split>/<class>/*.{png,jpg,jpeg}``; class ids are the class folders (of all splits)
   sorted by name, as in ``tfds.ImageFolder``; files are read in sorted order and decoded by Pillow.
-- any other name: a tfds dataset through ``tfds.data_source`` (ArrayRecord, random access). A dataset
-  prepared as TFRecord (tfds' default) is read with tf.data only where the ``[tfdata]`` extra is installed
-  (`TFRecordSource`: a stream in a (seed, epoch)-determined order rather than random access); tensorflow
-  is imported only there.
+- any other name: a tfds dataset, prepared as ArrayRecord (through ``tfds.data_source``) or as TFRecord,
+  tfds' default (`tfrecord`: the files indexed once, then read by position). Either gives the same
+  records in the same order.
 
 Splits have three roles (`ROLES`): ``train`` trains, ``validation`` is what every choice is made on, and
 ``test`` (``config.dataset.eval_split``) is only reported. The validation split is carved out of the
@@ -27,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import pathlib
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -35,7 +33,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from receding_jax.training import augment
+from receding_jax.training import augment, tfrecord
 
 ROLES = ("train", "validation", "test")
 #: Digits (scikit-learn's embedded 8x8 images): the first DIGITS_TRAIN images train, the rest test.
@@ -124,7 +122,7 @@ class DecodedCache:
 class Split:
   """This process's part of one split: its examples process_index, + process_count, ... of the split."""
 
-  source: Source | TFRecordSource  # TFRecordSource: streamed, no random access.
+  source: Source
   num_examples: int  # In this process's part.
   total_examples: int  # In the whole split, over all processes.
   process_count: int
@@ -134,10 +132,6 @@ class Split:
   def position(self, index: int | np.ndarray) -> int | np.ndarray:
     """Position in the whole split (over all processes) of this process's example `index`."""
     return self.process_index + index * self.process_count
-
-  @property
-  def random_access(self) -> bool:
-    return hasattr(self.source, "__getitem__")
 
 
 def _digits(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -236,15 +230,15 @@ def load_split(config: ml_collections.ConfigDict, role: str, process_index: int,
 
 def _tfds_split(config: ml_collections.ConfigDict, split: str, part: bool | None, process_index: int,
                 process_count: int) -> Split:
-  """A tfds dataset's split: ArrayRecord through tfds.data_source, TFRecord through tf.data if installed."""
+  """A tfds dataset's split: ArrayRecord through tfds.data_source, TFRecord through `tfrecord`."""
   import tensorflow_datasets as tfds
 
   name, data_dir, channels = config.dataset.name, config.dataset.data_dir or None, len(config.dataset.mean)
   builder = tfds.builder(name, data_dir=data_dir)
   try:
     data = builder.as_data_source(split=split)  # Under tfds.testing.mock_data: any format, and random.
-  except NotImplementedError:  # Prepared as TFRecord: no random access.
-    return _tfrecord_split(config, builder, split, part, process_index, process_count)
+  except NotImplementedError:  # Not a random-access format for tfds: TFRecord.
+    data = tfrecord.load(builder, split)
   indices = _role_indices(config, len(data), part, carve_first=True)
   mine = indices[process_index::process_count]
   source = _cached_if_small(SubsetSource(data, mine), channels)
@@ -276,8 +270,7 @@ def nbytes_estimate(split: Split) -> int:
   """Bytes of this process's decoded uint8 images, guessed as n x (size of the first image)."""
   if not split.num_examples:
     return 0
-  first = split.source[0] if split.random_access else split.source.first_record()
-  return _estimate(split.num_examples, first["image"], split.channels)
+  return _estimate(split.num_examples, split.source[0]["image"], split.channels)
 
 
 def decoded_arrays(split: Split, threads: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -285,14 +278,12 @@ def decoded_arrays(split: Split, threads: int = 8) -> tuple[np.ndarray, np.ndarr
   `threads` threads; a ValueError naming the shapes where the images differ in size."""
   source = split.source.base if isinstance(split.source, DecodedCache) else split.source  # Not cached twice.
 
-  def decoded(record: Record) -> tuple[np.ndarray, int]:
+  def decoded(index: int) -> tuple[np.ndarray, int]:
+    record = source[index]
     return augment.decode(record["image"], split.channels), record["label"]
 
   with ThreadPoolExecutor(threads) as pool:
-    if split.random_access:
-      pairs = list(pool.map(lambda i: decoded(source[i]), range(split.num_examples)))
-    else:
-      pairs = list(pool.map(decoded, (record for _, record in source.stream(order_seed=None))))
+    pairs = list(pool.map(decoded, range(split.num_examples)))
   shapes = sorted({image.shape for image, _ in pairs})
   if len(shapes) > 1:
     raise ValueError(f"images differ in size ({len(shapes)} shapes, e.g. {shapes[:3]}): they cannot be stacked "
@@ -300,54 +291,3 @@ def decoded_arrays(split: Split, threads: int = 8) -> tuple[np.ndarray, np.ndarr
   images = np.stack([image for image, _ in pairs]) if pairs else np.zeros((0, 0, 0, split.channels), np.uint8)
   return images, np.asarray([label for _, label in pairs], np.int32)
 
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class TFRecordSource:
-  """A tfds TFRecord split's records, streamed by tf.data (the ``[tfdata]`` extra): no random access."""
-
-  name: str
-  data_dir: str | None
-  split: str  # The role's examples, with absolute bounds: 'train[10:25]'.
-  process_index: int  # This process keeps examples process_index, + process_count, ... of `split`.
-  process_count: int
-  length: int
-  shuffle_buffer: int
-
-  def __len__(self) -> int:
-    return self.length
-
-  def stream(self, order_seed: int | None, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Record]]:
-    """(index in this part, record): in stored order, or shuffled through a buffer seeded by `order_seed`;
-    only the `start`-th to the `stop`-th of that order (images stay encoded: skipping decodes nothing)."""
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder(self.name, data_dir=self.data_dir)
-    ds = builder.as_dataset(split=self.split, decoders={"image": tfds.decode.SkipDecoding()}, shuffle_files=False)
-    ds = ds.shard(self.process_count, self.process_index).enumerate()
-    if order_seed is not None:
-      ds = ds.shuffle(max(1, min(self.shuffle_buffer, self.length)), seed=order_seed, reshuffle_each_iteration=False)
-    ds = ds.skip(start).take(-1 if stop is None else stop - start)
-    for index, example in ds.as_numpy_iterator():
-      yield int(index), {"image": example["image"], "label": int(example["label"])}
-
-  def first_record(self) -> Record:
-    return next(self.stream(None, 0, 1))[1]
-
-
-def _tfrecord_split(config: ml_collections.ConfigDict, builder: Any, split: str, part: bool | None,
-                    process_index: int, process_count: int) -> Split:
-  """A TFRecord tfds split, read by tf.data; a ValueError naming the ways out where TensorFlow is missing."""
-  name = config.dataset.name
-  try:
-    import tensorflow  # noqa: F401  Only this path needs it.
-  except ImportError:
-    raise ValueError(f"tfds dataset {name!r} is stored as TFRecord, which needs TensorFlow: "
-                     f'pip install "receding-jax[tfdata]", or re-prepare it as ArrayRecord: '
-                     f"tfds build {name} --file_format=array_record") from None
-  indices = _role_indices(config, builder.info.splits[split].num_examples, part, carve_first=True)
-  # The role's examples are contiguous in the split.
-  role = f"{split}[{indices[0]}:{indices[-1] + 1}]" if len(indices) else f"{split}[:0]"
-  n = len(indices[process_index::process_count])
-  source = TFRecordSource(name, config.dataset.data_dir or None, role, process_index, process_count, n,
-                          config.dataset.shuffle_buffer)
-  return Split(source, n, len(indices), process_count, len(config.dataset.mean), process_index)

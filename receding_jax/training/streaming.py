@@ -12,18 +12,14 @@ the split; the training loop assembles them into global arrays. Guarantees:
   ``mask`` is 0, and every process runs the same number of batches.
 
 Batches are dicts of numpy arrays: ``image`` float32 [batch, H, W, C] (normalised), ``label`` int32
-[batch], and in evaluation ``mask`` float32 [batch] (1 = real example). Splits stored as TFRecord
-(`splits.TFRecordSource`) come through tf.data in the same (seed, epoch)-determined way, shuffled by a
-buffer of ``config.dataset.shuffle_buffer`` examples, and through the same preprocessing.
+[batch], and in evaluation ``mask`` float32 [batch] (1 = real example).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -67,16 +63,6 @@ def _threaded(batches: grain.MapDataset) -> Iterator[Batch]:
   return iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=THREADS, prefetch_buffer_size=2 * THREADS)))
 
 
-def _pooled(items: Iterable[Any], make: Callable[[Any], dict], finish: Callable[[Batch], Batch],
-            local_batch: int) -> Iterator[Batch]:
-  """`make` applied by a thread pool, in order, batches of `local_batch` stacked and `finish`ed (streamed
-  sources)."""
-  items = iter(items)
-  with ThreadPoolExecutor(THREADS) as pool:
-    while chunk := list(itertools.islice(items, local_batch)):
-      yield finish(stack(list(pool.map(make, chunk))))
-
-
 def _normalizer(preprocess: augment.Preprocessing) -> Callable[[Batch], Batch]:
   """Batch of uint8 pixels -> normalised float32 (one numpy pass per batch, not per example); padding
   examples (mask 0) are all zeros."""
@@ -99,20 +85,16 @@ def train_batches(split: Split, config: ml_collections.ConfigDict, epoch: int, s
   preprocess, seed = augment.Preprocessing.from_config(config), config.seed
   finish = _normalizer(preprocess)
 
-  def example(item: tuple[int, dict]) -> dict[str, np.ndarray]:
-    position, record = item
+  def example(position: int, record: dict) -> dict[str, np.ndarray]:
     rng = augment.example_rng(seed, epoch, position)
     return {"image": preprocess.pixels(record["image"], rng), "label": np.int32(record["label"])}
 
-  if not split.random_access:
-    records = split.source.stream(epoch_seed(seed, epoch), start, stop)
-    return _pooled(((split.position(i), r) for i, r in records), example, finish, local_batch)
   order = np.random.default_rng(epoch_seed(seed, epoch)).permutation(split.num_examples)[:stop]
   source = split.source
 
   def batch(step: int) -> Batch:
     indices = order[step * local_batch : (step + 1) * local_batch]
-    return finish(stack([example((split.position(i), source[i])) for i in indices]))
+    return finish(stack([example(split.position(i), source[i]) for i in indices]))
 
   return _threaded(grain.MapDataset.range(start // local_batch, steps).map(batch))  # Skipped steps: never read.
 
@@ -134,9 +116,6 @@ def eval_batches(split: Split, config: ml_collections.ConfigDict) -> Iterator[Ba
     return {"image": preprocess.pixels(record["image"], None), "label": np.int32(record["label"]),
             "mask": np.float32(1)}
 
-  if not split.random_access:
-    records = (record for _, record in split.source.stream(order_seed=None))
-    return _pooled(itertools.chain(records, [None] * (padded - split.num_examples)), example, finish, local_batch)
   source, n = split.source, split.num_examples
 
   def batch(step: int) -> Batch:

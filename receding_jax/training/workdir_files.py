@@ -33,7 +33,7 @@ import numpy as np
 from etils import epath
 
 from receding_jax.training import workdir as wd
-from receding_jax.training.config import differing_keys
+from receding_jax.training.config import differing_keys, without_retired_keys
 from receding_jax.training.workdir import PathLike, is_writer, write_text
 
 _held: dict[str, int] = {}  # Workdirs this process holds -> nesting depth (a run holds its own workdir once).
@@ -61,9 +61,11 @@ def sync(name: str) -> None:
 
 
 def check_config(workdir: PathLike, config: ml_collections.ConfigDict) -> None:
-  """Records the config in ``config.json``, or refuses a workdir that holds another config's run."""
+  """Records the config in ``config.json``, or refuses a workdir that holds another config's run (keys
+  since retired from configs do not count)."""
   current = json.loads(config.to_json_best_effort())
   saved = wd.read_config(workdir)
+  saved = None if saved is None else without_retired_keys(saved)
   if saved is not None and saved != current:
     raise ValueError(f"workdir {workdir} holds a run of another config (differs in "
                      f"{differing_keys(saved, current)}); use a new workdir")
