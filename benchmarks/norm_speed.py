@@ -4,12 +4,14 @@ Rows of two kinds, each timed round-robin (one call of every variant per round, 
 all alike; ratios are medians of the per-round ratios):
   - norm + ReLU forward and backward (gradient wrt the input and the norm's parameters, running statistics
     updated) on ResNet-56's activation shapes: `BoundedScaleNorm` with the closed-form backward, the same
-    module differentiated by autodiff (the previous path), `flax.linen.BatchNorm`, an elementwise pass
+    module differentiated by autodiff (``closed_form_backward=False``), `flax.linen.BatchNorm`, an elementwise pass
     relu(x * a + b) with its gradient (x, a, b), and PyTorch's BatchNorm2d + ReLU (NCHW) when installed;
-  - the CIFAR training step (ResNet-56, VGG-16) with each of the two backward paths, with the norms'
-    statistics removed altogether (`scale_only`: the most any norm formulation could save), and PyTorch's.
-The other paths are selected by `norm_training_function`, which swaps the module's training function
-while a step is compiled: a benchmark-only switch, not a library option.
+  - the CIFAR training step (ResNet-56, VGG-16): as before issue 16 (autodiff backward, no residual
+    boundaries), with the closed-form backward only, as now (closed form + `layers.residual_boundary`),
+    with the norms' statistics removed (`scale_only`: what any norm formulation could still save), with
+    flax BatchNorm (the L1/UCS models), and PyTorch's.
+The paths are selected by `norm_training_function` and `residual_boundaries`, which swap what the modules
+call while a step is compiled: benchmark-only switches, not library options.
 """
 
 from __future__ import annotations
@@ -47,12 +49,12 @@ def norm_training_function(replacement: Callable) -> Iterator[None]:
 
 
 def autodiff_backward() -> contextlib.AbstractContextManager:
-  """The default path: autodiff of the two-pass formula."""
+  """The ``closed_form_backward=False`` path: autodiff of the two-pass formula."""
   return norm_training_function(norm.bounded_norm_train_autodiff)
 
 
 def closed_form_backward() -> contextlib.AbstractContextManager:
-  """The opt-in path (``closed_form_backward=True``): the custom VJP."""
+  """The default path (``closed_form_backward=True``): the custom VJP."""
   return norm_training_function(norm.bounded_norm_train)
 
 
@@ -66,7 +68,17 @@ def scale_only(x, logit, bias, feature_axes, epsilon, dtype=None, axis_name=None
 
 
 def interleaved_seconds(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-  """Seconds of each call, round-robin over `fns` for `rounds` rounds after one warm-up call each."""
+  """Seconds of each call, round-robin over `fns` for `rounds` rounds after one warm-up call each.
+
+  PyTorch's functions (names starting with 'torch') run after the others, in rounds of their own: its
+  OpenMP threads keep spinning after a call and slowed the JAX call that followed (PyTorch's step also
+  ran 20% slower right after JAX's), so interleaving them measured the interference, not either one."""
+  torch_fns = {name: fn for name, fn in fns.items() if name.startswith("torch")}
+  times = _round_robin({name: fn for name, fn in fns.items() if name not in torch_fns}, rounds)
+  return {**times, **_round_robin(torch_fns, rounds)}
+
+
+def _round_robin(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
   for fn in fns.values():
     jax.block_until_ready(fn())
   times = {name: [] for name in fns}
@@ -81,6 +93,11 @@ def interleaved_seconds(fns: dict[str, Callable[[], object]], rounds: int) -> di
 def median_ratio(a: list[float], b: list[float]) -> float:
   """Median over rounds of a / b (both timed in the same round)."""
   return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def median_over_median(a: list[float], b: list[float]) -> float:
+  """median(a) / median(b): for times not taken in the same rounds (PyTorch's)."""
+  return statistics.median(a) / statistics.median(b)
 
 
 def module_step(module: nn.Module, x: jax.Array, cotangent: jax.Array) -> Callable[[], object]:
@@ -152,24 +169,31 @@ def norm_rows(quick: bool) -> list[dict]:
     row["closed_form_over_flax"] = median_ratio(times["closed_form"], times["flax_batchnorm"])
     row["closed_form_over_elementwise"] = median_ratio(times["closed_form"], times["elementwise"])
     if torch_step is not None:
-      row["closed_form_over_torch"] = median_ratio(times["closed_form"], times["torch_batchnorm"])
+      row["closed_form_over_torch"] = median_over_median(times["closed_form"], times["torch_batchnorm"])
     rows.append(row)
   return rows
 
 
 def training_step_rows(quick: bool, batch: int = 64) -> list[dict]:
-  """The CIFAR training step with the closed-form and the autodiff backward (and PyTorch's), interleaved."""
+  """The CIFAR training step as it was before issue 16 (autodiff norm, no residual boundaries), with only
+  the closed-form backward, as it is now (closed form + boundaries), with the norms' statistics removed,
+  with flax BatchNorm (the L1/UCS models), and PyTorch's; interleaved."""
   sys.path.insert(0, str(pathlib.Path(__file__).parent))
   from run import cifar_trainer, step_runner
 
+  variants = {  # name: (norm training function, residual boundaries, (penalty, model norm))
+      "before": (norm.bounded_norm_train_autodiff, False, ("rni", "bounded")),
+      "closed_form": (norm.bounded_norm_train, False, ("rni", "bounded")),
+      "default": (norm.bounded_norm_train, True, ("rni", "bounded")),
+      "no_statistics": (scale_only, True, ("rni", "bounded")),
+      "flax_batchnorm": (norm.bounded_norm_train, True, ("l1", "batch")),
+  }
   rows = []
   for name in ("cifar_resnet56", "cifar_vgg16"):
-    with closed_form_backward():
-      fns = {"closed_form": first_call_done(step_runner(cifar_trainer(name, batch))[0])}
-    with autodiff_backward():
-      fns["autodiff"] = first_call_done(step_runner(cifar_trainer(name, batch))[0])
-    with norm_training_function(scale_only):
-      fns["no_statistics"] = first_call_done(step_runner(cifar_trainer(name, batch))[0])
+    fns = {}
+    for key, (function, boundaries, (penalty, model_norm)) in variants.items():
+      with norm_training_function(function), residual_boundaries(boundaries):
+        fns[key] = first_call_done(step_runner(cifar_trainer(name, batch, penalty, norm=model_norm))[0])
     try:
       from torch_reference import make_train_step
 
@@ -179,12 +203,29 @@ def training_step_rows(quick: bool, batch: int = 64) -> list[dict]:
     times = interleaved_seconds(fns, rounds=3 if quick else 9)
     row = {"model": name, "batch": batch}
     row.update({f"{key}_step_ms": 1e3 * statistics.median(t) for key, t in times.items()})
-    row["speedup"] = median_ratio(times["autodiff"], times["closed_form"])
-    row["speedup_without_statistics"] = median_ratio(times["autodiff"], times["no_statistics"])
+    row["speedup"] = median_ratio(times["before"], times["default"])
+    row["speedup_closed_form_only"] = median_ratio(times["before"], times["closed_form"])
+    row["default_over_no_statistics"] = median_ratio(times["default"], times["no_statistics"])
+    row["default_over_flax_batchnorm"] = median_ratio(times["default"], times["flax_batchnorm"])
     if "torch" in times:
-      row["closed_form_over_torch"] = median_ratio(times["closed_form"], times["torch"])
+      row["default_over_torch"] = median_over_median(times["default"], times["torch"])
     rows.append(row)
   return rows
+
+
+@contextlib.contextmanager
+def residual_boundaries(enabled: bool) -> Iterator[None]:
+  """While open and not `enabled`, ResNet blocks skip `layers.residual_boundary` (the step as it was
+  before it); a benchmark-only switch, read when a step is traced, like `norm_training_function`."""
+  from receding_jax.models import resnet
+
+  default = resnet.residual_boundary
+  if not enabled:
+    resnet.residual_boundary = lambda x, train: x
+  try:
+    yield
+  finally:
+    resnet.residual_boundary = default
 
 
 def first_call_done(run: Callable[[], object]) -> Callable[[], object]:

@@ -54,7 +54,7 @@ class NnxBoundedScaleNorm(nnx.Module):
       bias_init: nnx.Initializer = nnx.initializers.zeros,
       axis_name: str | None = None,
       axis_index_groups: Any = None,
-      closed_form_backward: bool = False,
+      closed_form_backward: bool = True,
       rngs: nnx.Rngs,
   ):
     if not isinstance(num_features, int) or num_features < 1:

@@ -4,12 +4,11 @@ The maths lives in pure functions (`batch_moments`, `normalize`, `update_running
 used without the module; `BoundedScaleNorm` is a thin Linen shell that owns the logits (``params``) and
 the running statistics (``batch_stats``), with the interface of `flax.linen.BatchNorm`.
 
-Training mode runs `bounded_norm_train_autodiff` (autodiff through the two-pass formula) by default, or
-with ``closed_form_backward=True`` `bounded_norm_train`: the same forward and a closed-form backward (a
-custom VJP, `norm_backward`; `jit`, `vmap`, `shard_map`, with or without ``axis_name``; reverse mode
-only). The closed form is opt-in: on 2 CPU cores it saves 8% of a ResNet-56 step, but 8-device training
-with the batch sharded under `jax.jit` drifted 8.7e-5 from 1-device training in six streamed steps
-(autodiff: 1.2e-7), which is not yet explained.
+Training mode runs `bounded_norm_train`: the two-pass forward with a closed-form backward (a custom VJP,
+`norm_backward`; `jit`, `vmap`, `shard_map`, with or without ``axis_name``). A custom VJP is reverse mode
+only: for forward mode (`jax.jvp`, `jax.jacfwd`) or higher derivatives build the module with
+``closed_form_backward=False``, which differentiates the same formula by autodiff
+(`bounded_norm_train_autodiff`; 1.13-1.27x slower per norm on 2 CPU cores).
 
 Statistics in data-parallel training: under `jax.jit` with the batch sharded over a mesh, the reductions
 below run over the *global* batch (XLA inserts the collectives). Per-device statistics are only what you
@@ -277,8 +276,8 @@ class BoundedScaleNorm(nn.Module):
     bias_init: initializer of the bias.
     axis_name, axis_index_groups: average statistics over a named axis (`shard_map`/`vmap` only; under
       `jax.jit` with sharded inputs the statistics are global without it).
-    closed_form_backward: train through `bounded_norm_train` (custom VJP) instead of autodiff (see the
-      module docstring for why it is not the default).
+    closed_form_backward: train through `bounded_norm_train` (custom VJP, reverse mode only); False
+      differentiates the same formula by autodiff, which forward mode and higher derivatives need.
   """
 
   use_running_average: bool | None = None
@@ -292,7 +291,7 @@ class BoundedScaleNorm(nn.Module):
   bias_init: nn.initializers.Initializer = nn.initializers.zeros
   axis_name: str | None = None
   axis_index_groups: Any = None
-  closed_form_backward: bool = False
+  closed_form_backward: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:

@@ -215,13 +215,19 @@ def test_eight_devices_shard_map_and_sharded_jit_match_one_device():
   assert float(out.split()[2]) > 0.01  # The logit gradient is not trivially zero.
 
 
-def test_modules_train_through_autodiff_unless_the_closed_form_is_asked_for():
+def test_modules_train_through_the_closed_form_and_through_autodiff_where_forward_mode_is_needed():
   x = jax.random.normal(jax.random.key(9), (8, 3, 3, 4))
 
   def forward(module):
     variables = module.init(jax.random.key(0), x, use_running_average=False)
     return lambda v: module.apply(variables, v, use_running_average=False, mutable=["batch_stats"])[0]
 
-  jax.jvp(forward(BoundedScaleNorm()), (x,), (jnp.ones_like(x),))  # Autodiff: forward mode works.
-  with pytest.raises(TypeError, match="custom_vjp"):  # The custom VJP is reverse mode only.
-    jax.jvp(forward(BoundedScaleNorm(closed_form_backward=True)), (x,), (jnp.ones_like(x),))
+  with pytest.raises(TypeError, match="custom_vjp"):  # The default, the custom VJP, is reverse mode only.
+    jax.jvp(forward(BoundedScaleNorm()), (x,), (jnp.ones_like(x),))
+  assert NnxBoundedScaleNorm(4, rngs=nnx.Rngs(0)).closed_form_backward  # The same default in NNX.
+  # Autodiff of the same formula: forward mode works, and agrees with the closed form's reverse mode.
+  direction = jax.random.normal(jax.random.key(1), x.shape)
+  _, tangent = jax.jvp(forward(BoundedScaleNorm(closed_form_backward=False)), (x,), (direction,))
+  _, pullback = jax.vjp(forward(BoundedScaleNorm()), x)
+  cotangent = jax.random.normal(jax.random.key(2), x.shape)
+  np.testing.assert_allclose(jnp.vdot(tangent, cotangent), jnp.vdot(direction, pullback(cotangent)[0]), rtol=1e-4)

@@ -224,6 +224,7 @@ config = q.get_config()
 config.model.width_multiplier, config.data.steps_per_dispatch = 0.25, 6
 model = model_from_spec(model_spec(config))
 one_device = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+flat = lambda tree: np.concatenate([np.ravel(v) for v in jax.tree.leaves(tree)])
 for placement in ("device", "streaming"):
   train_split = data.load_splits(config, ("train",))["train"]
   out = []
@@ -236,19 +237,23 @@ for placement in ("device", "streaming"):
       state, _ = trainer.train(state, chunk)
       if int(state["step"]) == 6:
         break
-    out.append(jax.device_get({k: state[k] for k in ("params", "batch_stats")}))
-  init = jax.device_get(trainer.init()["params"])
-  moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(out[1]["params"]), jax.tree.leaves(init)))
-  worst = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(out[1])))
-  print(placement, moved, worst)
+    out.append(flat(jax.device_get({k: state[k] for k in ("params", "batch_stats")})))
+  init = jax.device_get(trainer.init())
+  moved = np.linalg.norm(out[1] - flat({k: init[k] for k in ("params", "batch_stats")}))
+  print(placement, moved, np.linalg.norm(out[0] - out[1]) / moved)
 """
 
 
 @pytest.mark.parametrize("placement", ["device", "streaming"])
 def test_eight_devices_train_like_one_on_the_same_batches(eight_devices_vs_one, placement):
-  moved, worst = eight_devices_vs_one[placement]
-  assert moved > 0.05  # Six steps change the parameters a lot ...
-  assert worst < 1e-5  # ... and 8 devices (global-batch statistics) agree with 1 to float rounding.
+  moved, relative_difference = eight_devices_vs_one[placement]
+  assert moved > 1.0  # Six steps change the parameters and statistics a lot (L2 norm of the change) ...
+  # ... and 8 devices (global-batch statistics) make the same change as 1, up to float rounding and what
+  # rounding does at ReLU kinks. Not exactly: a 6e-8 difference in the state once moved a step's update
+  # by 2e-5 on one device (an activation crossing zero flips its gradient), on a trajectory that depends
+  # on the CPU. So the whole change is compared, in L2, relative to its size. Measured: rounding 1e-7, a
+  # kink crossing 5e-5; per-device statistics (8 of the 64 examples each) move one step's gradient by 0.2.
+  assert relative_difference < 1e-3
 
 
 @pytest.fixture(scope="module")

@@ -67,6 +67,38 @@ def make_norm(
   )
 
 
+def residual_boundary(x: jax.Array, train: bool) -> jax.Array:
+  """`x` (a residual block's output) unchanged; in training on CPU, also a boundary XLA does not fuse across.
+
+  Why: the backward of the next convolution transposes `x` for its kernel gradient, and XLA:CPU fuses
+  into that transpose the elementwise chain that produced `x` (norm, add, ReLU, block after block back to
+  the stage's first convolution), recomputing the whole residual stream once per layer. In ResNet-56's CPU
+  step those transposes took about 45% of the time (profile in the README). An identity gather ends the
+  chain (XLA keeps it as a separate copy of `x`); its custom VJP passes the gradient straight through, so
+  values and gradients are exactly those without it. Only in training on CPU (`jax.default_backend()`),
+  where the backward exists and the problem was measured; reverse mode only there, like the default norm.
+  """
+  if not train or jax.default_backend() != "cpu":
+    return x
+  return _identity_gather(x)
+
+
+@jax.custom_vjp
+def _identity_gather(x: jax.Array) -> jax.Array:
+  return jnp.take(x, jnp.arange(x.shape[-1]), axis=-1, mode="clip")
+
+
+def _identity_gather_forward(x: jax.Array) -> tuple[jax.Array, None]:
+  return _identity_gather(x), None
+
+
+def _identity_gather_backward(_, cotangent: jax.Array) -> tuple[jax.Array]:
+  return (cotangent,)
+
+
+_identity_gather.defvjp(_identity_gather_forward, _identity_gather_backward)
+
+
 #: Feature maps with at most this many positions (H x W) are convolved as patches + matmul on CPU.
 #: Measured at batch 64, 3x3, fwd / fwd+bwd ms (benchmarks in the README): 2x2x512 native 447 / 942,
 #: patches 23 / 75; 4x4x512 native 31 / 89, patches 70 / 429. So only maps up to 2x2 take patches.

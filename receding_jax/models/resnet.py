@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from receding_jax.models.layers import NormKind, conv, dense, make_norm
+from receding_jax.models.layers import NormKind, conv, dense, make_norm, residual_boundary
 
 
 def option_a_shortcut(x: jax.Array, out_channels: int, stride: int) -> jax.Array:
@@ -45,7 +45,7 @@ class BasicBlock(nn.Module):
     y = nn.relu(make_norm(self.norm, train, "norm1", self.batch_norm_scale_init, dt)(y))
     y = conv(self.out, 3, name="conv2", compute_dtype=dt)(y)
     y = make_norm(self.norm, train, "norm2", self.batch_norm_scale_init, dt)(y)
-    return nn.relu(y + option_a_shortcut(x, self.out, self.stride).astype(y.dtype))
+    return residual_boundary(nn.relu(y + option_a_shortcut(x, self.out, self.stride).astype(y.dtype)), train)
 
 
 class CifarResNet(nn.Module):
@@ -122,7 +122,7 @@ class Bottleneck(nn.Module):
     y = norm("norm3")(conv(self.out, 1, name="conv3", compute_dtype=dt)(y))
     if self.stride != 1 or x.shape[-1] != self.out:
       x = norm("proj_norm")(conv(self.out, 1, self.stride, name="proj_conv", compute_dtype=dt)(x))
-    return nn.relu(y + x.astype(y.dtype))
+    return residual_boundary(nn.relu(y + x.astype(y.dtype)), train)
 
 
 class ResNet(nn.Module):
