@@ -34,18 +34,21 @@ ACTIVATION_SHAPES = ((64, 32, 32, 16), (64, 16, 16, 32), (64, 8, 8, 64))
 
 
 @contextlib.contextmanager
-def norm_training_function(replacement: Callable) -> Iterator[None]:
-  """While open, `BoundedScaleNorm` trains through `replacement` (signature of `norm.bounded_norm_train`).
-
-  A benchmark-only switch. A function keeps the path it was traced with: trace (call) each step inside, as
-  a jitted function of its own (the steps here are fresh lambdas; no jitted function in the models holds a
-  norm)."""
-  default = norm.training_function
-  norm.training_function = lambda closed_form: replacement
+def swapped(owner: object, attribute: str, value: object) -> Iterator[None]:
+  """While open, ``owner.attribute`` is `value`: the benchmark-only switches below. Modules read these
+  attributes when a step is traced, and a function keeps the path it was traced with: trace (call) each
+  step inside, as a jitted function of its own (the steps here are fresh lambdas)."""
+  default = getattr(owner, attribute)
+  setattr(owner, attribute, value)
   try:
     yield
   finally:
-    norm.training_function = default
+    setattr(owner, attribute, default)
+
+
+def norm_training_function(replacement: Callable) -> contextlib.AbstractContextManager:
+  """While open, `BoundedScaleNorm` trains through `replacement` (signature of `norm.bounded_norm_train`)."""
+  return swapped(norm, "training_function", lambda closed_form: replacement)
 
 
 def autodiff_backward() -> contextlib.AbstractContextManager:
@@ -213,19 +216,12 @@ def training_step_rows(quick: bool, batch: int = 64) -> list[dict]:
   return rows
 
 
-@contextlib.contextmanager
-def residual_boundaries(enabled: bool) -> Iterator[None]:
+def residual_boundaries(enabled: bool) -> contextlib.AbstractContextManager:
   """While open and not `enabled`, ResNet blocks skip `layers.residual_boundary` (the step as it was
-  before it); a benchmark-only switch, read when a step is traced, like `norm_training_function`."""
+  before it)."""
   from receding_jax.models import resnet
 
-  default = resnet.residual_boundary
-  if not enabled:
-    resnet.residual_boundary = lambda x, train: x
-  try:
-    yield
-  finally:
-    resnet.residual_boundary = default
+  return swapped(resnet, "residual_boundary", resnet.residual_boundary if enabled else lambda x, train: x)
 
 
 def first_call_done(run: Callable[[], object]) -> Callable[[], object]:
