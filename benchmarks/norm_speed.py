@@ -129,20 +129,24 @@ def elementwise_step(x: jax.Array, cotangent: jax.Array) -> Callable[[], object]
 
 
 def torch_norm_step(shape_nhwc: tuple[int, ...]) -> Callable[[], object] | None:
-  """PyTorch's BatchNorm2d + ReLU forward and backward on the same activation in NCHW; None without torch."""
+  """PyTorch's BatchNorm2d + ReLU forward and backward on the same activation in NCHW, on the GPU when
+  torch sees one (synchronised, so the time is the work's), else on the CPU; None without torch."""
   try:
     import torch
   except ImportError:
     return None
+  device = "cuda" if torch.cuda.is_available() else "cpu"
   n, h, w, c = shape_nhwc
-  bn = torch.nn.BatchNorm2d(c).train()
-  x = torch.randn(n, c, h, w, requires_grad=True)
-  cotangent = torch.randn(n, c, h, w)
+  bn = torch.nn.BatchNorm2d(c).to(device).train()
+  x = torch.randn(n, c, h, w, device=device, requires_grad=True)
+  cotangent = torch.randn(n, c, h, w, device=device)
 
   def step():
     x.grad = None
     bn.zero_grad(set_to_none=True)
     torch.relu(bn(x)).backward(cotangent)
+    if device == "cuda":
+      torch.cuda.synchronize()
     return 0.0
 
   return step
