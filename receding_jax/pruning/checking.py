@@ -3,7 +3,9 @@
 On a random input, the narrow model's outputs must equal the wide model's with every removed channel's
 parameter entries zeroed (its producer's output, its norm's scale, bias and statistics, its consumers'
 input): if the coupling analysis or the rebuild missed anything, the two differ, and `verify` raises
-naming the modules of the pruned groups. Each model is compiled once, with XLA's backend optimisations off.
+naming the modules of the pruned groups. Each model is compiled once, with XLA's backend optimisations off,
+and with float32 matmuls and convolutions at full precision: GPUs otherwise compute them in TF32, where
+the wide and the narrow model round differently (1.7e-3 on a VGG-16 on an H100, against a 1e-4 tolerance).
 """
 
 from __future__ import annotations
@@ -61,11 +63,12 @@ def verify(traced: Traced, keep: Mapping[int, np.ndarray], narrow_model: Any, na
   """Worst difference between the narrow model and the wide one with the removed channels zeroed, on a
   random input; ValueError (naming the first failing group's modules) when it exceeds the tolerance."""
   inputs = _random_inputs(traced.inputs)
-  reference = run_once(traced.apply, slicing.zero_tree(traced.variables, traced.coupling, keep), *inputs)
-  try:
-    outputs = _apply_narrow(traced, narrow_model, narrow_variables, inputs)
-  except Exception as e:
-    raise ValueError(f"the narrow model does not run: {str(e).splitlines()[0]}") from e
+  with jax.default_matmul_precision("highest"):
+    reference = run_once(traced.apply, slicing.zero_tree(traced.variables, traced.coupling, keep), *inputs)
+    try:
+      outputs = _apply_narrow(traced, narrow_model, narrow_variables, inputs)
+    except Exception as e:
+      raise ValueError(f"the narrow model does not run: {str(e).splitlines()[0]}") from e
   scale = max(1.0, max(float(jnp.max(jnp.abs(r))) for r in jax.tree.leaves(reference)))
   worst = max(float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))
               for a, b in zip(jax.tree.leaves(outputs), jax.tree.leaves(reference), strict=True))
