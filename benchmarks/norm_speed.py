@@ -7,11 +7,13 @@ all alike; ratios are medians of the per-round ratios):
     module differentiated by autodiff (``closed_form_backward=False``), `flax.linen.BatchNorm`, an elementwise pass
     relu(x * a + b) with its gradient (x, a, b), and PyTorch's BatchNorm2d + ReLU (NCHW) when installed;
   - the CIFAR training step (ResNet-56, VGG-16): as before issue 16 (autodiff backward, no residual
-    boundaries), with the closed-form backward only, as now (closed form + `layers.residual_boundary`),
-    with the norms' statistics removed (`scale_only`: what any norm formulation could still save), with
-    flax BatchNorm (the L1/UCS models), and PyTorch's.
-The paths are selected by `norm_training_function` and `residual_boundaries`, which swap what the modules
-call while a step is compiled: benchmark-only switches, not library options.
+    boundaries, XLA's default compile options), with the closed-form backward only, with it and
+    `layers.residual_boundary`, as now (both + `cpu_compilation`'s options: convolutions kept from
+    YNNPACK), with the norms' statistics removed (`scale_only`: what any norm formulation could still
+    save), with flax BatchNorm (the L1/UCS models), and PyTorch's.
+The paths are selected by `norm_training_function`, `residual_boundaries` and `compiler_options`, which
+swap what the modules and the trainer call while a step is compiled: benchmark-only switches, not library
+options.
 """
 
 from __future__ import annotations
@@ -182,24 +184,27 @@ def norm_rows(quick: bool) -> list[dict]:
 
 
 def training_step_rows(quick: bool, batch: int = 64) -> list[dict]:
-  """The CIFAR training step as it was before issue 16 (autodiff norm, no residual boundaries), with only
-  the closed-form backward, as it is now (closed form + boundaries), with the norms' statistics removed,
-  with flax BatchNorm (the L1/UCS models), and PyTorch's; interleaved."""
+  """The CIFAR training step as it was before issue 16 (autodiff norm, no residual boundaries, XLA's default
+  compile options), with only the closed-form backward, with the residual boundaries too, as it is now
+  (also `cpu_compilation`'s options), with the norms' statistics removed, with flax BatchNorm (the L1/UCS
+  models), and PyTorch's; interleaved."""
   sys.path.insert(0, str(pathlib.Path(__file__).parent))
   from run import cifar_trainer, step_runner
 
-  variants = {  # name: (norm training function, residual boundaries, (penalty, model norm))
-      "before": (norm.bounded_norm_train_autodiff, False, ("rni", "bounded")),
-      "closed_form": (norm.bounded_norm_train, False, ("rni", "bounded")),
-      "default": (norm.bounded_norm_train, True, ("rni", "bounded")),
-      "no_statistics": (scale_only, True, ("rni", "bounded")),
-      "flax_batchnorm": (norm.bounded_norm_train, True, ("l1", "batch")),
+  closed, autodiff = norm.bounded_norm_train, norm.bounded_norm_train_autodiff
+  variants = {  # name: (norm training function, residual boundaries, compile options, (penalty, model norm))
+      "before": (autodiff, False, False, ("rni", "bounded")),
+      "closed_form": (closed, False, False, ("rni", "bounded")),
+      "boundaries": (closed, True, False, ("rni", "bounded")),
+      "default": (closed, True, True, ("rni", "bounded")),
+      "no_statistics": (scale_only, True, True, ("rni", "bounded")),
+      "flax_batchnorm": (closed, True, True, ("l1", "batch")),
   }
   rows = []
   for name in ("cifar_resnet56", "cifar_vgg16"):
     fns = {}
-    for key, (function, boundaries, (penalty, model_norm)) in variants.items():
-      with norm_training_function(function), residual_boundaries(boundaries):
+    for key, (function, boundaries, options, (penalty, model_norm)) in variants.items():
+      with norm_training_function(function), residual_boundaries(boundaries), compiler_options(options):
         fns[key] = first_call_done(step_runner(cifar_trainer(name, batch, penalty, norm=model_norm))[0])
     try:
       from torch_reference import make_train_step
@@ -212,12 +217,22 @@ def training_step_rows(quick: bool, batch: int = 64) -> list[dict]:
     row.update({f"{key}_step_ms": 1e3 * statistics.median(t) for key, t in times.items()})
     row["speedup"] = median_ratio(times["before"], times["default"])
     row["speedup_closed_form_only"] = median_ratio(times["before"], times["closed_form"])
+    row["speedup_closed_form_and_boundaries"] = median_ratio(times["before"], times["boundaries"])
     row["default_over_no_statistics"] = median_ratio(times["default"], times["no_statistics"])
     row["default_over_flax_batchnorm"] = median_ratio(times["default"], times["flax_batchnorm"])
     if "torch" in times:
       row["default_over_torch"] = median_over_median(times["default"], times["torch"])
     rows.append(row)
   return rows
+
+
+def compiler_options(enabled: bool) -> contextlib.AbstractContextManager:
+  """While open and not `enabled`, trainers compile their step with XLA's default options (no
+  `cpu_compilation.training_compiler_options`), as before issue 16."""
+  from receding_jax import cpu_compilation
+
+  default = cpu_compilation.training_compiler_options
+  return swapped(cpu_compilation, "training_compiler_options", default if enabled else lambda platform: None)
 
 
 def residual_boundaries(enabled: bool) -> contextlib.AbstractContextManager:

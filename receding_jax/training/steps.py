@@ -25,6 +25,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from receding_jax import cpu_compilation
 from receding_jax.training.optimizer import effective_penalty_strength, make_optimizer, penalty_value
 
 DATA_AXIS = "data"
@@ -163,7 +164,8 @@ def make_trainer(
     mesh: jax.sharding.Mesh | None = None, prepare: Prepare = ready, prepare_eval: Prepare = ready,
 ) -> Trainer:
   """Builds the optimiser and jits init and the chunked train/eval with replicated state (donated to the
-  train chunk) and chunks sharded over `mesh` (default: every device, `make_mesh`)."""
+  train chunk) and chunks sharded over `mesh` (default: every device, `make_mesh`). On CPU the train chunk
+  compiles with `cpu_compilation.training_compiler_options` (convolutions kept from YNNPACK: ~2x faster)."""
   strength = effective_penalty_strength(config, steps_per_epoch)
   tx = make_optimizer(config, steps_per_epoch, strength)
   mesh = mesh or make_mesh()
@@ -172,6 +174,7 @@ def make_trainer(
   train = jax.jit(
       lambda s, c: train_chunk(s, c, step=step, prepare=prepare, seed=config.seed),
       out_shardings=(replicated, replicated), donate_argnums=0,
+      compiler_options=cpu_compilation.training_compiler_options(mesh.devices.flat[0].platform),
   )
   evaluate = jax.jit(lambda s, c: eval_chunk(s, c, model=model, prepare=prepare_eval), out_shardings=replicated)
   init = jax.jit(lambda: init_state(model, tx, config.seed), out_shardings=replicated)
