@@ -4,8 +4,9 @@ Why: XLA:CPU (jaxlib 0.10) hands some convolutions, the kernel gradients among t
 (``__ynn_fusion``). For the CIFAR networks' shapes that path is slow and nearly single-threaded: a 3x3
 kernel gradient on a [64, 32, 32, 16] map took 37 ms, about 8 GFLOP/s, and a ResNet-56 training step kept
 1.3 of 2 cores busy. With YNNPACK kept to the reductions (the norms' statistics, where it is fastest) and
-the convolutions left to XLA's own kernels, the same step ran 2.3-2.5x faster on 2 cores, VGG-16's 2.2-2.4x
-(benchmarks/norm_speed.py; README, "Bounded norm and the residual stream"). Dots are not affected.
+the convolutions left to XLA's own kernels, the ResNet-56 step ran 1.9x faster on 2 cores (2.14 -> 1.13 s,
+residual boundaries on in both) and VGG-16's 2.7x (4.00 -> 1.47 s) (benchmarks/norm_speed.py; README,
+"Bounded norm and the residual stream"). Dots are not affected.
 
 The option is per compilation, so it changes only the functions jitted with it (the training loop's train
 step). It is experimental in XLA: if this jaxlib does not accept it, or `XLA_FLAGS` already sets it (the

@@ -21,15 +21,17 @@ def ynn_convolutions(hlo_text: str) -> int:
   return sum(" convolution(" in bodies[name] for name in fused)
 
 
-def compiled_step(monkeypatch, with_options: bool):
-  """(trainer, initial state, batch, compiled train chunk text) for a half-width ResNet-20, batch 8."""
-  if not with_options:
-    monkeypatch.setattr(cpu_compilation, "training_compiler_options", lambda platform: None)
-  config = paper_config("cifar10", "cifar_resnet20", "rni")
-  config.optim.batch_size, config.model.width_multiplier = BATCH, WIDTH
-  model = get_model("cifar_resnet20", 10, "bounded", width_multiplier=WIDTH, input_shape=(32, 32, 3))
-  trainer = steps.make_trainer(config, model, steps_per_epoch=10)
-  monkeypatch.undo()
+def compiled_step(with_options: bool):
+  """(trainer, initial state, batch, compiled train chunk text) for a half-width ResNet-20, batch 8. Without
+  options: `XLA_FLAGS` names the option, so the trainer leaves it to the user (here: XLA's defaults, since
+  the backend read its flags at start-up)."""
+  with pytest.MonkeyPatch.context() as monkeypatch:
+    if not with_options:
+      monkeypatch.setenv("XLA_FLAGS", f"--{cpu_compilation.YNN_FUSION_OPTION}=LIBRARY_FUSION_TYPE_REDUCE")
+    config = paper_config("cifar10", "cifar_resnet20", "rni")
+    config.optim.batch_size, config.model.width_multiplier = BATCH, WIDTH
+    model = get_model("cifar_resnet20", 10, "bounded", width_multiplier=WIDTH, input_shape=(32, 32, 3))
+    trainer = steps.make_trainer(config, model, steps_per_epoch=10)
   rng = np.random.default_rng(0)
   local = {"image": rng.normal(size=(BATCH, 32, 32, 3)).astype(np.float32),
            "label": rng.integers(0, 10, BATCH).astype(np.int32)}
@@ -40,8 +42,7 @@ def compiled_step(monkeypatch, with_options: bool):
 
 @pytest.fixture(scope="module")
 def steps_with_and_without_options():
-  with pytest.MonkeyPatch.context() as monkeypatch:
-    return compiled_step(monkeypatch, True), compiled_step(monkeypatch, False)
+  return compiled_step(True), compiled_step(False)
 
 
 def test_the_cpu_train_step_keeps_convolutions_from_ynnpack(steps_with_and_without_options):
