@@ -1,11 +1,13 @@
 """The experiment pipeline: train -> prune -> fine-tune on the quickstart data, results, resumption, bad input."""
 
+import collections
 import json
 import time
 
 import pytest
 from test_train import QUICKSTART, load_config
 
+from receding_jax import compile_clock
 from receding_jax.compare import main
 from receding_jax.training import checkpointing, experiment
 from receding_jax.training.config import validate_config
@@ -19,10 +21,49 @@ def small_pipeline_config():
   return c
 
 
+#: The jitted functions of a run, by the name compile_clock reports them under.
+RUN_FUNCTIONS = ("init_state", "start_state", "train_chunk", "eval_chunk")
+PIPELINE_COMPILES = collections.Counter()  # What the module's pipeline run compiled, by function.
+
+
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("pipeline")
-  return workdir, experiment.run(small_pipeline_config(), str(workdir))
+  before = compile_clock.compile_counts()
+  results = experiment.run(small_pipeline_config(), str(workdir))
+  PIPELINE_COMPILES.update(compile_clock.compile_counts() - before)
+  return workdir, results
+
+
+def test_each_function_compiles_once_per_network_and_a_second_run_compiles_nothing(pipeline_run, tmp_path):
+  _, results = pipeline_run
+  assert results["ratios"]["0.5"]["finetuned"]["epoch"] == 2  # The counts are of a whole pipeline.
+  counts = PIPELINE_COMPILES
+  # One network trained from an init, one pruned network started from its sliced variables: init runs
+  # (and compiles) once, the pruned network is never initialised; the train step compiles once per
+  # network; evaluation once per network (validation and test have the same shape: 5 batches of 64).
+  assert counts["init_state"] <= 1 and counts["start_state"] <= 1, counts
+  assert 1 <= counts["train_chunk"] <= 2 and 1 <= counts["eval_chunk"] <= 2, counts
+  # The same experiment again in this process (a new workdir): every step is found compiled.
+  before = compile_clock.compile_counts()
+  experiment.run(small_pipeline_config(), str(tmp_path / "again"))
+  again = compile_clock.compile_counts() - before
+  assert {name: again[name] for name in RUN_FUNCTIONS} == dict.fromkeys(RUN_FUNCTIONS, 0), again
+
+
+def test_every_phase_reports_its_compile_and_run_time(pipeline_run):
+  workdir, results = pipeline_run
+  phases = {p["phase"]: p for p in results["phases"]}
+  assert list(phases) == ["train", "evaluate trained", "prune 0.5", "evaluate pruned 0.5", "fine-tune 0.5"]
+  for record in phases.values():
+    assert 0 <= record["compile_seconds"] <= record["seconds"] + 1e-6, record
+    assert abs(record["compile_seconds"] + record["run_seconds"] - record["seconds"]) < 1e-6, record
+  assert phases["train"]["compiles"] >= 2 and phases["train"]["compile_seconds"] > 0  # At least train + eval.
+  assert set(phases["prune 0.5"]["parts"]) == {"read", "prune and check", "count", "save"}
+  lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["phase"] for r in lines if "phase" in r] == list(phases)
+  epochs = [r for r in lines if "epoch" in r]
+  assert all(0 <= e["compile_seconds"] <= e["epoch_seconds"] for e in epochs)
 
 
 def is_png(path) -> bool:
@@ -71,7 +112,7 @@ def test_the_best_checkpoint_on_validation_is_the_one_pruned(pipeline_run):
   workdir, results = pipeline_run
   trained = results["trained"]
   assert trained["source"] == "best"
-  epochs = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  epochs = [e for x in (workdir / "metrics.jsonl").read_text().splitlines() if "epoch" in (e := json.loads(x))]
   kept = checkpointing.make_manager(workdir / "checkpoints", create=False).all_steps()
   accuracy = {e["step"]: e["validation_accuracy"] for e in epochs}
   best = max(accuracy[s] for s in kept)

@@ -71,6 +71,8 @@ def test_a_quickstart_epoch_runs_with_tensorflow_unimportable(tmp_path, placemen
   result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"data {placement}" in result.stdout
-  metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  metrics = [line for line in lines if "epoch" in line]  # The rest are the phases' timings.
   assert len(metrics) == 1 and 0.0 <= metrics[0]["test_accuracy"] <= 1.0
+  assert [line["phase"] for line in lines if "phase" in line] == ["train", "evaluate trained"]
   assert list(tmp_path.rglob("events.out.tfevents.*")), "no TensorBoard events were written"

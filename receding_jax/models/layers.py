@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import flax.linen as nn
@@ -16,10 +18,26 @@ NORM_KINDS = ("bounded", "batch")
 #: norm statistics and logits stay float32 either way.
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
-#: Conv kernels ~ Normal(0, sqrt(2 / (k * k * out_channels))) (He, fan-out), METHOD.md section 4.
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-#: Dense kernels ~ Normal(0, 0.01), biases 0.
-dense_kernel_init = nn.initializers.normal(stddev=0.01)
+def flat_normal(variance: Callable[[tuple[int, ...]], float]) -> nn.initializers.Initializer:
+  """Normal(0, variance(shape)) drawn as one flat vector and reshaped: the same values as
+  ``jax.random.normal(key, shape) * sqrt(variance)`` (with jax's partitionable threefry, the default, the
+  draw of element i depends only on its flat index), but it compiles an order of magnitude faster on
+  XLA:CPU, which optimises the counter arithmetic of an N-D draw slowly and once per distinct shape
+  (18 pruned-width 3x3 kernels: 17-29 s against 2.7 s; a pruned quickstart ResNet-20's init: 17-30 s)."""
+
+  def init(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    shape = tuple(shape)
+    scale = jnp.sqrt(jnp.array(variance(shape), dtype))
+    return jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape) * scale
+
+  return init
+
+
+#: Conv kernels ~ Normal(0, sqrt(2 / (k * k * out_channels))) (He, fan-out), METHOD.md section 4: the values
+#: of ``nn.initializers.variance_scaling(2.0, "fan_out", "normal")``, drawn flat (`flat_normal`).
+conv_kernel_init = flat_normal(lambda shape: 2.0 / (math.prod(shape[:-2]) * shape[-1]))
+#: Dense kernels ~ Normal(0, 0.01) (the values of ``nn.initializers.normal(0.01)``), biases 0.
+dense_kernel_init = flat_normal(lambda shape: 0.01**2)
 
 
 def check_norm_kind(norm: str) -> None:

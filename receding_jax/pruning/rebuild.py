@@ -16,6 +16,8 @@ sliced ones and whose layers' width attributes are set from their new shapes; th
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -76,8 +78,20 @@ def _as_attribute(value: Any) -> Any:
 
 
 def narrow_linen(model: nn.Module, overrides: Mapping[str, Mapping[str, Any]]) -> nn.Module:
-  """`model` whose layers at the paths in `overrides` get those attributes whenever it runs."""
+  """`model` whose layers at the paths in `overrides` get those attributes whenever it runs. Equal models
+  with equal overrides give equal (and equally hashed) narrow models, so `jax.jit` caches keyed on the
+  model (a static argument, a trainer built once per model) find them again instead of recompiling."""
   base = getattr(type(model), "_pruned_base", type(model))
+  narrow_cls = _narrow_class(base, json.dumps({p: dict(a) for p, a in overrides.items()}, sort_keys=True))
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+            if f.init and f.name not in ("parent", "name")}
+  return narrow_cls(**fields, parent=None, name=model.name)
+
+
+@functools.cache
+def _narrow_class(base: type, overrides_json: str) -> type:
+  """The subclass of `base` that applies the overrides (JSON, keys sorted): one class per (base, overrides)."""
+  overrides = json.loads(overrides_json)
   table = {tuple(p.split("/")) if p else (): {k: _as_attribute(v) for k, v in a.items()}
            for p, a in overrides.items()}
 
@@ -98,12 +112,9 @@ def narrow_linen(model: nn.Module, overrides: Mapping[str, Mapping[str, Any]]) -
     return nn.nowrap(run)
 
   namespace = {name: entry(name) for name in ("apply", "init", "init_with_output")}
-  namespace.update(_pruned_base=base, pruned_overrides={p: dict(a) for p, a in overrides.items()},
+  namespace.update(_pruned_base=base, pruned_overrides=overrides,
                    __module__=base.__module__, __qualname__=f"Pruned{base.__qualname__}")
-  narrow_cls = type(f"Pruned{base.__name__}", (base,), namespace)
-  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-            if f.init and f.name not in ("parent", "name")}
-  return narrow_cls(**fields, parent=None, name=model.name)
+  return type(f"Pruned{base.__name__}", (base,), namespace)
 
 
 def _nnx_array(module: nnx.Module, name: str) -> tuple[int, ...] | None:

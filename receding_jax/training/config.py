@@ -114,6 +114,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.prune.source = "last"
   c.finetune = ml_collections.ConfigDict()
   c.finetune.num_epochs = 160  # Same schedule as training (scaled to this length), no penalty.
+
+  # JAX's persistent compilation cache (training.compile_cache): 'auto' = ~/.cache/receding_jax/
+  # jax_compilation_cache ($XDG_CACHE_HOME if set), a path, or '' (off). How a run runs, not what it
+  # computes: a workdir resumes under another value.
+  c.compilation_cache_dir = "auto"
   return c
 
 
@@ -248,11 +253,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 #: Keys configs no longer have ("section.key"): a workdir's config.json that still holds them resumes.
 RETIRED_KEYS = ("dataset.shuffle_buffer",)  # Only the tf.data stream of TFRecord datasets used it.
+#: Keys that say how a run runs, not what it computes: a workdir's run resumes (and a finished one is
+#: found) whatever their values.
+RUN_ONLY_KEYS = ("compilation_cache_dir",)
 
 
 def without_retired_keys(saved: Mapping[str, Any]) -> dict[str, Any]:
-  """A recorded config (as JSON) without the `RETIRED_KEYS` it may hold."""
-  saved = {k: dict(v) if isinstance(v, Mapping) else v for k, v in saved.items()}
+  """A recorded config (as JSON) without the `RETIRED_KEYS` and `RUN_ONLY_KEYS` it may hold: what two
+  configs must agree on to be the same run."""
+  saved = {k: dict(v) if isinstance(v, Mapping) else v for k, v in saved.items() if k not in RUN_ONLY_KEYS}
   for key in RETIRED_KEYS:
     section, name = key.split(".")
     if isinstance(saved.get(section), dict):

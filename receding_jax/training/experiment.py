@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
 
-from receding_jax.training import checkpointing, loop, plots, workdir_files
+from receding_jax import compile_clock
+from receding_jax.training import checkpointing, compile_cache, console, loop, plots, workdir_files
 from receding_jax.training import workdir as wd
-from receding_jax.training.config import validate_config
+from receding_jax.training.config import validate_config, without_retired_keys
 from receding_jax.training.pruned_checkpoint import prune_checkpoint
 
 #: What results.json reports per network: validation (every choice is made on it) and test accuracy.
@@ -94,12 +96,12 @@ def prune_phase(config: ml_collections.ConfigDict, workdir: str, ratio: float, s
   else:
     wd.remove_tree(pruned_dir)  # Our own output of an interrupted attempt: the report is written last.
     workdir_files.sync(f"cleared {pruned_dir}")
-    report = prune_checkpoint(
+    report, _ = timed_phase(workdir, f"prune {ratio:g}", lambda: prune_checkpoint(
         wd.checkpoint_dir(workdir), pruned_dir, step=step, ratio=ratio, scope=config.prune.scope,
         min_channels=config.prune.min_channels, channel_multiple=config.prune.channel_multiple,
-    )
-  result = {**evaluate_checkpoint(config, pruned_dir), "report": report,
-            "prune_seconds": time.perf_counter() - start}
+    ), parts=lambda r: r.get("seconds", {}))
+  accuracies, _ = timed_phase(workdir, f"evaluate pruned {ratio:g}", lambda: evaluate_checkpoint(config, pruned_dir))
+  result = {**accuracies, "report": report, "prune_seconds": time.perf_counter() - start}
   wd.write_json(eval_path, result)
   return result
 
@@ -126,7 +128,8 @@ def finetune_phase(
 def recorded_results(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
   """The results of a finished run of exactly `config` in `workdir`, or None."""
   results = wd.read_results(workdir)
-  if results is None or results.get("config") != json.loads(config.to_json_best_effort()):
+  current = json.loads(config.to_json_best_effort())
+  if results is None or without_retired_keys(results.get("config", {})) != without_retired_keys(current):
     return None
   return results
 
@@ -138,32 +141,53 @@ def run(
   same config returns its recorded results at once and changes nothing. The workdir is locked meanwhile.
   `skip_damaged_checkpoints`: see `loop.resume`."""
   validate_config(config)
+  cache = compile_cache.enable(config)
   workdir = os.fspath(wd.path(workdir))
   recorded = recorded_results(config, workdir)
   if workdir_files.agree(recorded is not None):
     print(f"{workdir} holds a finished run of this config; its recorded results:", flush=True)
     print(results_table(recorded), flush=True)
     return recorded
+  print(f"compilation cache: {cache or 'off (compilation_cache_dir is empty)'}", flush=True)
   with workdir_files.hold(workdir):
     results = _run_phases(config, workdir, skip_damaged_checkpoints)
   print(results_table(results), flush=True)
   return results
 
 
+def timed_phase(workdir: str, phase: str, compute: Callable[[], Any],
+                parts: Callable[[Any], Mapping[str, float]] | None = None) -> tuple[Any, dict[str, Any]]:
+  """`compute()` under a `compile_clock.Clock`: says what starts, then prints the phase's line (wall time =
+  compile + run, the slowest compilations, and `parts(result)` where given) and appends it to the
+  workdir's metrics.jsonl as {'phase', 'seconds', 'compile_seconds', 'run_seconds', 'compiles', ...}."""
+  print(f"{phase}...", flush=True)
+  with compile_clock.Clock() as clock:
+    out = compute()
+  record = {"phase": phase, **clock.as_dict()}
+  if parts is not None:
+    record["parts"] = dict(parts(out))
+  print(console.phase_line(record), flush=True)
+  wd.append_metrics(workdir, record)
+  return out, record
+
+
 def _run_phases(config: ml_collections.ConfigDict, workdir: str, skip_damaged: bool) -> dict[str, Any]:
   phases = tuple(config.phases)
   if "train" in phases:
-    loop.train_and_evaluate(config, workdir, skip_damaged_checkpoints=skip_damaged)
-  trained = trained_network(config, workdir)
+    timed_phase(workdir, "train", lambda: loop.train_and_evaluate(config, workdir,
+                                                                  skip_damaged_checkpoints=skip_damaged))
+  trained, _ = timed_phase(workdir, "evaluate trained", lambda: trained_network(config, workdir))
   results: dict[str, Any] = {"trained": trained, "ratios": {}}
   for ratio in config.prune.ratios:
     entry: dict[str, Any] = {}
     if "prune" in phases:
       entry["pruned"] = prune_phase(config, workdir, ratio, trained["step"])
     if "finetune" in phases:
-      entry["finetuned"] = finetune_phase(config, workdir, ratio, skip_damaged)
+      entry["finetuned"], _ = timed_phase(workdir, f"fine-tune {ratio:g}",
+                                          lambda r=ratio: finetune_phase(config, workdir, r, skip_damaged))
     results["ratios"][f"{ratio:g}"] = entry
   results["config"] = json.loads(config.to_json_best_effort())
+  results["phases"] = wd.read_phases(workdir)
   if wd.is_writer():
     _plot(workdir, phases, results)
   wd.write_results(workdir, results, results_table(results))  # results.json last: marks the run finished.

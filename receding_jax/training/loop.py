@@ -13,9 +13,11 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from receding_jax import compile_clock
 from receding_jax.importances import importance_summary, neuron_importances
 from receding_jax.training import (
     checkpointing,
+    compile_cache,
     console,
     data,
     metric_writer,
@@ -33,8 +35,10 @@ def evaluate(trainer: Trainer, state: State, feed: data.Feed, split: str) -> dic
   """Accuracy and mean loss over every real example of `feed`, named after `split` ('validation',
   'test'): {split_loss, split_accuracy, split_count}."""
   sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+  console.note_first_compile(trainer.evaluate, f"the evaluation of {type(trainer.model).__name__}")
+  variables = {k: state[k] for k in ("params", "batch_stats")}  # One compiled program, whatever else `state` holds.
   for chunk in feed.chunks():
-    out = jax.device_get(trainer.evaluate(state, chunk))
+    out = jax.device_get(trainer.evaluate(variables, chunk))
     sums = {k: sums[k] + float(out[k]) for k in sums}
   count = max(sums["count"], 1.0)
   return {f"{split}_loss": sums["loss"] / count, f"{split}_accuracy": sums["correct"] / count,
@@ -90,6 +94,7 @@ def train_and_evaluate(
   """
   validate_config(config)
   _check_batch(config)
+  compile_cache.enable(config)
   workdir_path = str(workdir.path(workdir_path))
   with workdir_files.hold(workdir_path):
     workdir_files.check_config(workdir_path, config)
@@ -98,8 +103,9 @@ def train_and_evaluate(
     return summary
 
 
-def resume(make_manager: Callable[[], Any], state: State, skip_damaged: bool) -> tuple[State, Any]:
-  """(state restored from the newest readable checkpoint, or `state` if there is none; its manager).
+def resume(make_manager: Callable[[], Any], target: State | None, skip_damaged: bool) -> tuple[State | None, Any]:
+  """(state restored from the newest readable checkpoint into `target`'s structure and placement, or None
+  if there is none; its manager).
 
   A damaged newest step raises DamagedCheckpointError and changes nothing, unless `skip_damaged`: then it
   is moved aside (`checkpointing.set_aside`) and the next older step is tried, saying so.
@@ -107,7 +113,7 @@ def resume(make_manager: Callable[[], Any], state: State, skip_damaged: bool) ->
   manager = make_manager()
   while (step := manager.latest_step()) is not None:
     try:
-      return checkpointing.restore(manager, target=state)[0], manager
+      return checkpointing.restore(manager, target=target)[0], manager
     except checkpointing.DamagedCheckpointError as e:
       if not skip_damaged:
         older = [s for s in manager.all_steps() if s < step]
@@ -118,18 +124,24 @@ def resume(make_manager: Callable[[], Any], state: State, skip_damaged: bool) ->
       print(f"skipping damaged checkpoint step {step} (moved to {moved}): {e}", flush=True)
       manager.close()
       manager = make_manager()
-  return state, manager
+  return None, manager
 
 
 def _start_state(trainer: Trainer, manager_factory, init_variables, skip_damaged) -> tuple[State, Any]:
-  state, manager = resume(manager_factory, trainer.init(), skip_damaged)
-  if manager.latest_step() is None and init_variables is not None:
-    replicated = NamedSharding(trainer.mesh, P())
-    start = {k: jax.device_put(init_variables[k], replicated) for k in ("params", "batch_stats")}
-    if jax.tree.structure(start["params"]) != jax.tree.structure(state["params"]):
-      raise ValueError("init_variables do not fit the model of `spec`")
-    state = {**state, **start}
-  return state, manager
+  """The state a run starts from: its newest checkpoint (restored into the traced shapes, nothing is
+  initialised), else `init_variables` with a fresh optimiser state, else a fresh init."""
+  target = trainer.abstract_state()
+  state, manager = resume(manager_factory, target, skip_damaged)
+  if state is not None:
+    return state, manager
+  if init_variables is None:
+    print("initialising the model...", flush=True)
+    return trainer.init(), manager
+  replicated = NamedSharding(trainer.mesh, P())
+  start = {k: jax.device_put(init_variables[k], replicated) for k in ("params", "batch_stats")}
+  if jax.tree.structure(start["params"]) != jax.tree.structure(target["params"]):
+    raise ValueError("init_variables do not fit the model of `spec`")
+  return trainer.start(start["params"], start["batch_stats"]), manager
 
 
 def _train_and_evaluate(
@@ -167,18 +179,19 @@ def _train_and_evaluate(
   summary: dict[str, Any] = {}
   run_start = time.perf_counter()
   for epoch in range(start_epoch, config.optim.num_epochs):
-    epoch_start = time.perf_counter()
-    state, train_metrics = _train_epoch(trainer, state, train_feed, epoch, config.optim.num_epochs,
-                                         skip_steps, manager)
-    skip_steps = 0
-    step = int(state["step"])
-    summary = {"epoch": epoch + 1, "step": step, **train_metrics, "learning_rate": float(schedule(step - 1))}
     last = epoch + 1 == config.optim.num_epochs
-    if last or (epoch + 1) % config.eval_every_epochs == 0:
-      summary.update(evaluate_feeds(trainer, state, eval_feeds if last else every_epoch))
-    importances = neuron_importances(jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"]}))
-    summary.update({f"importance_{k}": v for k, v in importance_summary(importances).items()})
-    summary["epoch_seconds"] = time.perf_counter() - epoch_start
+    with compile_clock.Clock() as clock:  # The epoch's wall time, and how much of it was compiling.
+      state, train_metrics = _train_epoch(trainer, state, train_feed, epoch, config.optim.num_epochs,
+                                           skip_steps, manager)
+      step = int(state["step"])
+      summary = {"epoch": epoch + 1, "step": step, **train_metrics, "learning_rate": float(schedule(step - 1))}
+      if last or (epoch + 1) % config.eval_every_epochs == 0:
+        summary.update(evaluate_feeds(trainer, state, eval_feeds if last else every_epoch))
+      importances = neuron_importances(jax.device_get({"params": state["params"],
+                                                       "batch_stats": state["batch_stats"]}))
+      summary.update({f"importance_{k}": v for k, v in importance_summary(importances).items()})
+    skip_steps = 0
+    summary.update(epoch_seconds=clock.seconds, compile_seconds=clock.compile_seconds)
     if (epoch + 1) % config.checkpoint.every_epochs == 0 or last:
       checkpointing.save(manager, step, state, spec,
                          metrics={"validation_accuracy": summary.get("validation_accuracy", 0.0)})
@@ -205,6 +218,7 @@ def _train_epoch(trainer: Trainer, state: State, feed: data.Feed, epoch: int, nu
   step = epoch * feed.steps + skip
   pending: list[dict[str, jax.Array]] = []
   fetched: list[dict[str, np.ndarray]] = []
+  console.note_first_compile(trainer.train, f"the train step of {type(trainer.model).__name__}")
 
   def fetch():
     got = {k: np.concatenate([np.asarray(m[k]) for m in jax.device_get(pending)]) for k in pending[0]}

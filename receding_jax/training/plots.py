@@ -23,7 +23,7 @@ from matplotlib import pyplot as plt
 
 def last_per_epoch(records: Sequence[Mapping]) -> list[dict]:
   """One record per epoch, in epoch order, the last of each epoch winning (a resumed epoch is logged again)."""
-  by_epoch = {r["epoch"]: dict(r) for r in records}
+  by_epoch = {r["epoch"]: dict(r) for r in records if "epoch" in r}  # Phase lines have none.
   return [by_epoch[e] for e in sorted(by_epoch)]
 
 

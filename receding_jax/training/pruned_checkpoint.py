@@ -3,13 +3,18 @@
 The output holds step 0 with the narrow model's params and batch_stats and a model spec with the narrowed
 layers' widths by path (``pruned``), so it restores and evaluates with `checkpointing.restore` +
 `model_specs.build_model` without the original; beside it ``pruning_report.json``
-(`workdir.write_report`): parameters, FLOPs and group widths before and after, and the criterion. Used
+(`workdir.write_report`): parameters, FLOPs and group widths before and after, the criterion, and the
+seconds spent reading, pruning (analysis, slicing and the check that verifies the narrow model), counting
+and saving. Used
 by the experiment's prune phase and by ``python -m receding_jax.prune_checkpoint``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -52,29 +57,44 @@ def prune_checkpoint(
     raise FileNotFoundError(f"checkpoint_dir {checkpoint_dir} does not exist")
   if model_factory is not None:
     model_specs.import_factory(model_factory)  # A bad name fails before the checkpoint is read.
-  state, spec, source_step = _read_source(source_dir, step, model_factory, input_shape)
+  seconds: dict[str, float] = {}
+  with _timer(seconds, "read"):
+    state, spec, source_step = _read_source(source_dir, step, model_factory, input_shape)
   model = model_specs.base_model(spec)
   inputs = model_specs.example_inputs(spec)
   variables = {k: jax.device_get(state[k]) for k in ("params", "batch_stats") if k in state}
-  narrow_model, narrow_variables = pruning.prune_params(
-      model, variables, ratio, inputs=inputs, scope=scope, min_channels=min_channels,
-      flop_reduction=flop_reduction, threshold=threshold, channel_multiple=channel_multiple,
-      prune_streams=prune_streams,
-  )
+  with _timer(seconds, "prune and check"):
+    narrow_model, narrow_variables = pruning.prune_params(
+        model, variables, ratio, inputs=inputs, scope=scope, min_channels=min_channels,
+        flop_reduction=flop_reduction, threshold=threshold, channel_multiple=channel_multiple,
+        prune_streams=prune_streams,
+    )
   narrow_spec = {**spec, "pruned": getattr(narrow_model, "pruned_overrides", {})}
+  with _timer(seconds, "count"):
+    counts = _counts(model, variables, narrow_model, narrow_variables, inputs, prune_streams)
   report = {
       "source": os.fspath(source_dir), "source_step": source_step,
       "criterion": {"ratio": ratio, "flop_reduction": flop_reduction, "threshold": threshold,
                     "scope": scope, "min_channels": min_channels, "channel_multiple": channel_multiple,
                     "prune_streams": prune_streams},
-      **_counts(model, variables, narrow_model, narrow_variables, inputs, prune_streams),
+      **counts,
   }
   workdir_files.sync(f"checked {output}")  # No process may see another's new output_dir as taken.
-  target = checkpointing.make_manager(output)
-  checkpointing.save(target, 0, {**narrow_variables, "step": np.int64(0)}, narrow_spec)
-  target.close()
+  with _timer(seconds, "save"):
+    target = checkpointing.make_manager(output)
+    checkpointing.save(target, 0, {**narrow_variables, "step": np.int64(0)}, narrow_spec)
+    target.close()
+  report["seconds"] = seconds
   wd.write_report(output, report)
   return report
+
+
+@contextlib.contextmanager
+def _timer(seconds: dict[str, float], name: str) -> Iterator[None]:
+  """Adds the wall time of the block to seconds[name]."""
+  start = time.perf_counter()
+  yield
+  seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def _read_source(source_dir, step: int | None, model_factory: str | None,

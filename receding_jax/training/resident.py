@@ -127,9 +127,14 @@ def random_crop_and_flip(images: jax.Array, key: jax.Array, pad: int = CIFAR_PAD
 
 
 def make_prepare(config: ml_collections.ConfigDict, train: bool):
-  """`prepare(batch, key)` for device-resident uint8 batches: augmentation (train, 'cifar') + normalising."""
-  mean, std, augment = tuple(config.dataset.mean), tuple(config.dataset.std), config.dataset.augment
+  """`prepare(batch, key)` for device-resident uint8 batches: augmentation (train, 'cifar') + normalising.
+  The same settings give the same function, so the steps jitted around it are found again (`make_trainer`)."""
+  d = config.dataset
+  return _prepare(tuple(d.mean), tuple(d.std), d.augment, train)
 
+
+@functools.cache
+def _prepare(mean: tuple[float, ...], std: tuple[float, ...], augment: str, train: bool):
   def prepare(batch: Batch, key: jax.Array | None) -> dict[str, jax.Array]:
     images = batch["image"]
     if train and augment == "cifar":

@@ -14,6 +14,8 @@ batches, which arrive ready); it runs inside the scan, so raw uint8 images never
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,12 +38,19 @@ Prepare = Callable[[Batch, jax.Array | None], dict[str, jax.Array]]
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int) -> State:
   """Fresh variables, optimiser state, step 0 and the dropout key, as one checkpointable dict."""
-  init_key, dropout_key = jax.random.split(jax.random.key(seed))
+  init_key, _ = jax.random.split(jax.random.key(seed))
   variables = model.init(init_key, jnp.zeros((1, *model.input_shape), jnp.float32), train=False)
+  return start_state(variables["params"], variables.get("batch_stats", {}), tx=tx, seed=seed)
+
+
+def start_state(params: Any, batch_stats: Any, *, tx: optax.GradientTransformation, seed: int) -> State:
+  """The state that starts training from given variables (a fresh init's, a pruned network's): the
+  optimiser's initial state, step 0 and the dropout key of `seed`."""
+  _, dropout_key = jax.random.split(jax.random.key(seed))
   return {
-      "params": variables["params"],
-      "batch_stats": variables.get("batch_stats", {}),
-      "opt_state": tx.init(variables["params"]),
+      "params": params,
+      "batch_stats": batch_stats,
+      "opt_state": tx.init(params),
       "step": jnp.zeros((), jnp.int32),
       "rng": jax.random.key_data(dropout_key),
   }
@@ -148,15 +157,30 @@ def chunk_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 @dataclasses.dataclass(frozen=True)
 class Trainer:
-  """The jitted steps of one run, bound to its model, optimiser, mesh and data preparation."""
+  """The jitted steps of one run, bound to its model, optimiser, mesh and data preparation.
+
+  Each is compiled on first use, once per shape: `make_trainer` returns the same Trainer (and `evaluate`
+  is shared by every trainer of the same model and data preparation), so phases that build a trainer for
+  the same network again (evaluating a checkpoint, fine-tuning after pruning) reuse what was compiled.
+  A state is only initialised by running `init` when training starts from scratch: a restore takes its
+  target from `abstract_state` (shapes only) and fine-tuning starts from given variables with `start`.
+  """
 
   model: nn.Module
   tx: optax.GradientTransformation
   mesh: jax.sharding.Mesh
   train: Callable[[State, Batch], tuple[State, dict]]  # One chunk: (state, stacked [k] metrics).
   evaluate: Callable[[State, Batch], dict]  # One chunk: summed metrics.
-  init: Callable[[], State]
+  init: Callable[[], State]  # A fresh state (runs the model's init).
+  start: Callable[[Any, Any], State]  # (params, batch_stats) -> the state that trains from them.
   penalty_strength: float  # The effective strength (see `effective_penalty_strength`).
+
+  def abstract_state(self) -> State:
+    """The state's shapes, dtypes and shardings (`jax.ShapeDtypeStruct`s), traced, not computed: the
+    target a checkpoint is restored into."""
+    replicated = NamedSharding(self.mesh, P())
+    shapes = jax.eval_shape(self.init)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
 
 
 def make_trainer(
@@ -165,17 +189,48 @@ def make_trainer(
 ) -> Trainer:
   """Builds the optimiser and jits init and the chunked train/eval with replicated state (donated to the
   train chunk) and chunks sharded over `mesh` (default: every device, `make_mesh`). On CPU the train chunk
-  compiles with `cpu_compilation.training_compiler_options` (convolutions kept from YNNPACK: ~2x faster)."""
+  compiles with `cpu_compilation.training_compiler_options` (convolutions kept from YNNPACK: ~2x faster),
+  and `init`/`start`, which run once, with `cpu_compilation.one_shot_compiler_options`. The same
+  arguments (config by value, model by equality, functions by identity) give the same Trainer."""
+  mesh = mesh or make_mesh()
+  platform = mesh.devices.flat[0].platform
+  options = (cpu_compilation.training_compiler_options(platform), cpu_compilation.one_shot_compiler_options(platform))
+  key = (config.to_json_best_effort(sort_keys=True), model, steps_per_epoch, mesh, prepare, prepare_eval,
+         json.dumps(options, sort_keys=True))
+  if key not in _TRAINERS:
+    if len(_TRAINERS) >= 16:  # Bounded: a long-lived process (a notebook, the tests) builds many.
+      _TRAINERS.pop(next(iter(_TRAINERS)))
+    _TRAINERS[key] = _build_trainer(config, model, steps_per_epoch, mesh, prepare, prepare_eval, *options)
+  return _TRAINERS[key]
+
+
+_TRAINERS: dict[tuple, Trainer] = {}
+
+
+def _build_trainer(config: ml_collections.ConfigDict, model: nn.Module, steps_per_epoch: int,
+                   mesh: jax.sharding.Mesh, prepare: Prepare, prepare_eval: Prepare,
+                   train_options: dict | None, once: dict | None) -> Trainer:
   strength = effective_penalty_strength(config, steps_per_epoch)
   tx = make_optimizer(config, steps_per_epoch, strength)
-  mesh = mesh or make_mesh()
   replicated = NamedSharding(mesh, P())
   step = lambda s, b: train_step(s, b, model=model, tx=tx, config=config, penalty_strength=strength)
-  train = jax.jit(
-      lambda s, c: train_chunk(s, c, step=step, prepare=prepare, seed=config.seed),
-      out_shardings=(replicated, replicated), donate_argnums=0,
-      compiler_options=cpu_compilation.training_compiler_options(mesh.devices.flat[0].platform),
-  )
-  evaluate = jax.jit(lambda s, c: eval_chunk(s, c, model=model, prepare=prepare_eval), out_shardings=replicated)
-  init = jax.jit(lambda: init_state(model, tx, config.seed), out_shardings=replicated)
-  return Trainer(model, tx, mesh, train, evaluate, init, strength)
+  train = _named(lambda s, c: train_chunk(s, c, step=step, prepare=prepare, seed=config.seed), "train_chunk")
+  train = jax.jit(train, out_shardings=(replicated, replicated), donate_argnums=0, compiler_options=train_options)
+  init = jax.jit(_named(lambda: init_state(model, tx, config.seed), "init_state"), out_shardings=replicated,
+                 compiler_options=once)
+  start = jax.jit(_named(lambda p, b: start_state(p, b, tx=tx, seed=config.seed), "start_state"),
+                  out_shardings=replicated, compiler_options=once)
+  return Trainer(model, tx, mesh, train, _evaluate_fn(model, mesh, prepare_eval), init, start, strength)
+
+
+@functools.lru_cache(maxsize=16)
+def _evaluate_fn(model: nn.Module, mesh: jax.sharding.Mesh, prepare_eval: Prepare) -> Callable:
+  """The jitted chunked evaluation of `model`: one per (model, mesh, preparation), whatever the optimiser."""
+  evaluate = _named(lambda s, c: eval_chunk(s, c, model=model, prepare=prepare_eval), "eval_chunk")
+  return jax.jit(evaluate, out_shardings=NamedSharding(mesh, P()))
+
+
+def _named(fn: Callable, name: str) -> Callable:
+  """`fn` under `name`, the name jax's compile logs and `compile_clock` report it by."""
+  fn.__name__ = fn.__qualname__ = name
+  return fn

@@ -3,7 +3,8 @@
   config.json                        the run's config (`workdir_files.check_config` refuses another one)
   lock                               held by the running process (`workdir_files.hold`)
   checkpoints/                       orbax (`checkpointing`)
-  metrics.jsonl                      one JSON line per epoch (`append_metrics`, `read_metrics`)
+  metrics.jsonl                      one JSON line per epoch, and one per phase of the experiment ('phase':
+                                     its compile and run seconds) (`append_metrics`, `read_metrics`)
   events.out.tfevents.*              TensorBoard (`metric_writer`)
   best_eval.json                     with prune.source 'best': that checkpoint's accuracies
   pruned_<ratio>/pruned/             the pruned network (step 0) and its pruning_report.json
@@ -180,9 +181,15 @@ def read_metrics(workdir: PathLike) -> list[dict[str, Any]]:
 
 
 def last_metrics(workdir: PathLike) -> dict[str, Any]:
-  """The last line of ``metrics.jsonl`` (the newest epoch logged), {} when there is none."""
-  records = read_metrics(workdir)
+  """The last epoch line of ``metrics.jsonl`` (the newest epoch logged), {} when there is none."""
+  records = [r for r in read_metrics(workdir) if "epoch" in r]
   return records[-1] if records else {}
+
+
+def read_phases(workdir: PathLike) -> list[dict[str, Any]]:
+  """The phase lines of ``metrics.jsonl`` (those with a 'phase': its wall, compile and run seconds), in order,
+  every attempt's."""
+  return [r for r in read_metrics(workdir) if "phase" in r]
 
 
 def read_config(workdir: PathLike) -> dict[str, Any] | None:

@@ -62,13 +62,13 @@ def sync(name: str) -> None:
 
 def check_config(workdir: PathLike, config: ml_collections.ConfigDict) -> None:
   """Records the config in ``config.json``, or refuses a workdir that holds another config's run (keys
-  since retired from configs do not count)."""
+  since retired from configs, and keys that only say how to run, do not count)."""
   current = json.loads(config.to_json_best_effort())
   saved = wd.read_config(workdir)
-  saved = None if saved is None else without_retired_keys(saved)
-  if saved is not None and saved != current:
+  if saved is not None and without_retired_keys(saved) != without_retired_keys(current):
     raise ValueError(f"workdir {workdir} holds a run of another config (differs in "
-                     f"{differing_keys(saved, current)}); use a new workdir")
+                     f"{differing_keys(without_retired_keys(saved), without_retired_keys(current))}); use a new "
+                     "workdir")
   if saved is None:
     wd.write_config(workdir, current)
 
