@@ -18,6 +18,10 @@ Sections (medians over repeated runs after warm-up and compilation; ratios measu
             (--export_checkpoint, --cifar_folder). export_tiles: LiteRT time of a conv stack against its width.
   norm      the bounded norm's forward+backward (closed-form vs autodiff backward, flax BatchNorm, PyTorch, an
             elementwise pass) and the CIFAR steps with either backward (benchmarks/norm_speed.py).
+  compile   whole runs in fresh processes: the quickstart cold and warm (persistent compilation cache), a CIFAR
+            VGG-16 / ResNet-56 run, each phase's compile and run seconds and each function's compile time and
+            count, against the target wall <= 3 x steady compute + 30 s; the pruning check's first-call cost
+            (benchmarks/compile_time.py).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from compile_time import bench_compile
 from export_latency import bench_export, bench_export_accuracy, bench_export_tiles
 from norm_speed import bench_norm
 
@@ -350,7 +355,9 @@ def main() -> None:
               ("export_tiles", "LiteRT cost against width (XNNPACK tiles)", lambda: bench_export_tiles(args.quick)),
               ("export_accuracy", "Exports on the CIFAR-10 test split",
                lambda: bench_export_accuracy(args.export_checkpoint, args.cifar_folder)),
-              ("norm", "Bounded norm: closed-form vs autodiff backward", lambda: bench_norm(args.quick))]
+              ("norm", "Bounded norm: closed-form vs autodiff backward", lambda: bench_norm(args.quick)),
+              ("compile", "Compile against steady compute (whole runs, fresh processes)",
+               lambda: bench_compile(args.quick))]
   for key, title, fn in sections:
     if key in only:
       report["results"][key] = fn()

@@ -100,13 +100,16 @@ class Clock:
     return ", ".join(parts)
 
   def as_dict(self) -> dict[str, Any]:
-    """{'seconds', 'compile_seconds', 'run_seconds', 'compiles', 'cache_hits', 'compiled': {name: seconds}}."""
+    """{'seconds', 'compile_seconds', 'run_seconds', 'compiles', 'cache_hits', 'compiled': {name: XLA seconds},
+    'compile_counts': {name: XLA compilations}}."""
     compiled: dict[str, float] = collections.defaultdict(float)
+    counts: collections.Counter = collections.Counter()
     for c in self.compiles:
       compiled[short_name(c.name)] += c.seconds
+      counts[short_name(c.name)] += 1
     return {"seconds": self.seconds, "compile_seconds": self.compile_seconds, "run_seconds": self.run_seconds,
             "compiles": len(self.compiles), "cache_hits": sum(c.cache_hit for c in self.compiles),
-            "compiled": dict(compiled)}
+            "compiled": dict(compiled), "compile_counts": dict(counts)}
 
 
 def short_name(name: str) -> str:
