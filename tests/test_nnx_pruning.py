@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from receding_jax import add_receding_penalty, neuron_importances, pruning, receding_penalty
@@ -88,3 +89,29 @@ def test_a_depthwise_group_is_scored_by_the_larger_of_its_two_norms():
   images, _ = data(4)
   importance = pruning.group_importances(model, inputs=images[:1])["norm1"]
   np.testing.assert_allclose(importance, jax.nn.sigmoid(model.norm2.scale_logit[...]), rtol=1e-6)
+
+
+def unsupported(*args):
+  raise pruning.checking.Unsupported("mocked")
+
+
+@pytest.mark.parametrize("evaluation", ["host", "xla"])
+def test_the_check_refuses_a_wrongly_sliced_nnx_model(monkeypatch, evaluation):
+  if evaluation == "xla":  # As for a model with a primitive the host evaluation does not cover.
+    monkeypatch.setattr(pruning.checking, "evaluate", unsupported)
+  model = SmallNet(nnx.Rngs(2))
+  images, _ = data(2)
+  masks = {"norm1": np.arange(8) > 2}  # conv1 -> norm1 -> depthwise -> norm2 lose channels 0-2.
+  narrow, _ = pruning.prune_params(model, masks=masks, inputs=images)  # Right: passes.
+  slice_tree = pruning.slicing.slice_tree
+
+  def wrong(tree, coupling, keep):  # A sliced kernel (conv1's) with its kept channels in the wrong order.
+    leaves, treedef = jax.tree.flatten(slice_tree(tree, coupling, keep))
+    i = next(i for i, leaf in enumerate(leaves) if np.shape(leaf) == (3, 3, 1, 8 - 3))
+    leaves[i] = np.flip(np.asarray(leaves[i]), -1)
+    return jax.tree.unflatten(treedef, leaves)
+
+  monkeypatch.setattr(pruning.api.slicing, "slice_tree", wrong)
+  with pytest.raises(ValueError, match="is not exact"):
+    pruning.prune_params(model, masks=masks, inputs=images)
+  assert narrow.conv1.kernel[...].shape == (3, 3, 1, 5) and narrow.depthwise.kernel[...].shape == (3, 3, 1, 5)

@@ -5,12 +5,15 @@ import json
 import os
 import pathlib
 
+import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+import receding_jax as rj
 from receding_jax import prune_params, pruning
 from receding_jax.models import get_model, model_from_spec
 from receding_jax.training import checkpointing, model_specs
@@ -496,3 +499,143 @@ def test_command_line_prunes_a_model_named_by_its_factory_and_the_result_reloads
   narrow = build_model(spec)
   narrow_variables = {k: state[k] for k in ("params", "batch_stats")}
   np.testing.assert_allclose(narrow.apply(narrow_variables, x), model.apply(variables, x), rtol=1e-5, atol=1e-6)
+
+
+def _lax_program(x, w, g, idx):
+  """Primitives the check's host evaluation covers, with the parameters that change their semantics."""
+  dn = ("NHWC", "HWIO", "NHWC")
+  a = jax.lax.conv_general_dilated(x, w, (2, 1), ((1, 2), (0, 1)), rhs_dilation=(2, 1), dimension_numbers=dn)
+  b = jax.lax.conv_general_dilated(x, g, (1, 1), ((1, 1), (2, 0)), lhs_dilation=(2, 2), feature_group_count=2,
+                                   dimension_numbers=dn)
+  c = jax.lax.conv_general_dilated(x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1), (1, 1), "VALID")
+  pooled = nn.avg_pool(b, (3, 3), (2, 2), "SAME") + nn.max_pool(b, (2, 2), (2, 2), "SAME")
+  padded = jax.lax.pad(x, 0.5, ((1, -1, 1), (0, 2, 0), (-1, 1, 2), (0, 0, 0)))[:, ::2, 1:, :]
+  attention = nn.softmax(jnp.einsum("bqc,bkc->bqk", a.reshape(1, -1, 6), c.reshape(1, -1, 6))[:, :5, :7])
+  left, right = jnp.split(padded, [1], axis=-1)
+  window = jax.lax.dynamic_update_slice(jax.lax.dynamic_slice(b, (0, idx, 1, 0), (1, 3, 3, 4)), left[:, :2, :2],
+                                        (0, idx, 0, 0))
+  ints = jnp.arange(-7, 8) // 3 + jax.lax.rem(jnp.arange(-7, 8), 4) + jnp.argmax(attention, -1).sum()
+  return (nn.gelu(jnp.clip(pooled, -1.0, 1.0)), jnp.where(right > 0.3, right, -right).sum((1, 2)), attention,
+          window.max(), jnp.concatenate([a.ravel(), c.ravel()]).min(), ints, jax.nn.logsumexp(c, axis=(1, 2)))
+
+
+def test_the_checks_host_evaluation_computes_what_xla_computes():
+  rng = np.random.default_rng(0)
+  args = (rng.normal(size=(1, 7, 6, 4)).astype(np.float32), rng.normal(size=(3, 2, 4, 6)).astype(np.float32),
+          rng.normal(size=(3, 3, 2, 4)).astype(np.float32), np.int32(20))  # 20 is clamped into range.
+  expected = jax.tree.leaves(jax.jit(_lax_program)(*args))
+  got = pruning.checking.evaluate(jax.make_jaxpr(_lax_program)(*args), *args)
+  for e, g in zip(expected, got, strict=True):
+    assert g.dtype == e.dtype and g.shape == e.shape
+    np.testing.assert_allclose(g, e, rtol=2e-5, atol=2e-5)
+  for name in SMALL:  # Every zoo model (the CIFAR VGG's small maps take the patches-and-matmul path).
+    model = get_model(name, 10, **SMALL[name])
+    variables = trained_looking(model)
+    x = rng.normal(size=(2, *model.input_shape)).astype(np.float32)
+    closed = jax.make_jaxpr(lambda v, x, model=model: model.apply(v, x))(variables, x)
+    (got,) = pruning.checking.evaluate(closed, *jax.tree.leaves(variables), x)
+    with jax.default_matmul_precision("highest"):
+      expected = model.apply(variables, x)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+  with pytest.raises(pruning.checking.Unsupported, match="bfloat16"):  # Left to XLA.
+    pruning.checking.evaluate(jax.make_jaxpr(lambda x: x * 2)(jnp.ones(3, jnp.bfloat16)), np.ones(3, jnp.bfloat16))
+
+
+def wrong_slicing(slice_tree):
+  """`slicing.slice_tree` that keeps the right number of entries of the first sliced leaf, in the wrong order."""
+  def wrong(tree, coupling, keep):
+    wide, (leaves, treedef) = jax.tree.leaves(tree), jax.tree.flatten(slice_tree(tree, coupling, keep))
+    i = next(i for i, (a, b) in enumerate(zip(wide, leaves, strict=True)) if np.shape(a) != np.shape(b))
+    axis = next(d for d, (m, n) in enumerate(zip(np.shape(wide[i]), np.shape(leaves[i]), strict=True)) if m != n)
+    leaves[i] = np.roll(np.asarray(leaves[i]), 1, axis=axis)
+    return jax.tree.unflatten(treedef, leaves)
+  return wrong
+
+
+@pytest.mark.parametrize("evaluation", ["host", "xla"])
+def test_the_check_refuses_a_wrong_slicing_or_rebuild(monkeypatch, evaluation):
+  if evaluation == "xla":  # As for a model with a primitive the host evaluation does not cover.
+    monkeypatch.setattr(pruning.checking, "evaluate", mock_unsupported)
+  model = get_model("cifar_resnet20", 10, width_multiplier=0.5)
+  variables = trained_looking(model)
+  narrow_model, narrow_variables = prune_params(model, variables, 0.5)  # Right: passes.
+  with monkeypatch.context() as patch:
+    patch.setattr(pruning.api.slicing, "slice_tree", wrong_slicing(pruning.slicing.slice_tree))
+    with pytest.raises(ValueError, match=r"differ .* by [0-9.e+-]+: the pruning of modules .* is not exact"):
+      prune_params(model, variables, 0.5)
+  with monkeypatch.context() as patch:  # One narrowed conv keeps its wide width: its kernel does not fit.
+    overrides = pruning.rebuild.linen_overrides
+    patch.setattr(pruning.rebuild, "linen_overrides", lambda *a: dict(list(overrides(*a).items())[1:]))
+    with pytest.raises(ValueError, match=r"the narrow model does not run: .*shape"):
+      prune_params(model, variables, 0.5)
+  assert pruning.group_widths(narrow_model, narrow_variables) != pruning.group_widths(model, variables)
+
+
+def mock_unsupported(*args):
+  raise pruning.checking.Unsupported("mocked")
+
+
+def test_the_check_runs_the_narrow_model_with_the_apply_kwargs():
+  class Scaled(nn.Module):  # `gain` is no eval-mode flag: only apply_kwargs sets it.
+    @nn.compact
+    def __call__(self, x, gain=1.0):
+      x = nn.relu(rj.BoundedScaleNorm(use_running_average=True)(nn.Conv(8, (3, 3))(x)))
+      return nn.Dense(2)(x.mean((1, 2)) * gain)
+
+  model, x = Scaled(), jnp.ones((1, 6, 6, 3))
+  variables = trained_looking_from(model.init(jax.random.key(0), x))
+  narrow_model, narrow = prune_params(model, variables, 0.5, inputs=x, apply_kwargs={"gain": 3.0})
+  assert narrow["params"]["Conv_0"]["kernel"].shape[-1] == 4
+  np.testing.assert_allclose(narrow_model.apply(narrow, x, gain=3.0), 3.0 * narrow_model.apply(narrow, x), rtol=1e-5)
+
+
+def trained_looking_from(variables, seed=0):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda v: rng.normal(size=v.shape).astype(np.float32), variables)
+
+
+def test_a_narrow_linen_model_checks_parameter_shapes_without_tracing_initializers():
+  calls = []
+
+  def counted(key, shape, dtype=jnp.float32):
+    calls.append(tuple(shape))
+    return jax.random.normal(key, shape, dtype) * 0.1
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = rj.BoundedScaleNorm(use_running_average=True)(nn.Conv(8, (3, 3), kernel_init=counted)(x))
+      return nn.Dense(2, kernel_init=counted)(nn.relu(x).mean((1, 2)))
+
+  model, x = Net(), jnp.ones((1, 6, 6, 3))
+  variables = trained_looking_from(model.init(jax.random.key(0), x))
+  narrow_model, narrow = prune_params(model, variables, 0.5, inputs=x)
+  calls.clear()
+  model.apply(variables, x)
+  assert calls == [(3, 3, 3, 8), (8, 2)]  # flax traces each initializer to check the shapes it holds.
+  calls.clear()
+  assert narrow_model.apply(narrow, x).shape == (1, 2) and calls == []
+  with pytest.raises(flax.errors.ScopeParamShapeError):  # Checked all the same.
+    narrow_model.apply(variables, x)
+  assert narrow_model.init(jax.random.key(0), x)["params"]["Conv_0"]["kernel"].shape == (3, 3, 3, 4)
+
+
+def test_importances_of_host_variables_are_computed_on_the_host_as_in_jax():
+  model = get_model("cifar_resnet20", 10, width_multiplier=0.5)
+  variables = trained_looking(model)
+  variables["params"]["stage0_block0"]["norm1"]["scale_logit"][:4] = [-1e4, -95.0, 1e4, 0.0]
+  host = rj.neuron_importances(variables)
+  device = rj.neuron_importances(jax.tree.map(jnp.asarray, variables))
+  assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in host.values())
+  for name, value in device.items():  # Within a few ulp of XLA's float32 sigmoid.
+    np.testing.assert_allclose(host[name], value, rtol=5e-7, atol=0)
+  # sigmoid(-95) is subnormal: XLA flushes it to zero, and so does the host.
+  assert host["stage0_block0/norm1"][:4].tolist() == device["stage0_block0/norm1"][:4].tolist() == [0, 0, 1, 0.5]
+
+
+def test_the_check_compares_infinities_and_skips_what_the_reference_leaves_undefined():
+  difference = pruning.checking._difference
+  assert difference(np.array([np.inf, 1.0, 5.0]), np.array([np.inf, np.nan, 5.0])) == 0.0
+  assert difference(np.array([np.nan, 1.0]), np.array([2.0, 1.0])) == np.inf
+  assert difference(np.array([-np.inf, 0.0]), np.array([np.inf, 0.0])) == np.inf
+  assert difference(np.array([1.0, 2.5]), np.array([1.0, 2.0])) == 0.5

@@ -176,21 +176,38 @@ def prune_params(
   elif any(c is not None for c in (ratio, flop_reduction, threshold)):
     raise ValueError("give either masks or a pruning criterion (ratio, flop_reduction, threshold), not both")
   keep = check_masks(traced, masks, allow_approximate)
-  narrow_model, narrow_variables = _narrow(traced, keep)
+  host = _on_host(traced.variables)
+  narrow_model, narrow_variables = _narrow(traced, keep, host)
   approximate = any(traced.coupling.groups[i].status == "approximate" for i in keep)
   if approximate:
     warnings.warn("pruned approximate groups: the narrow model differs from the original", stacklevel=2)
   elif check and keep:
-    verify(traced, keep, narrow_model, narrow_variables)
+    verify(traced, keep, narrow_model, narrow_variables, host)
   return narrow_model, narrow_variables
 
 
-def _narrow(traced: Traced, keep: Mapping[int, np.ndarray]) -> tuple[Any, Any]:
+def _on_host(tree: PyTree) -> PyTree:
+  """Every leaf as numpy: slicing and zeroing on the host compile nothing (jax would, per leaf shape)."""
+  return jax.tree.map(np.asarray, tree)
+
+
+def _like(original: PyTree, sliced: PyTree) -> PyTree:
+  """`sliced` (numpy) with jax arrays where `original` had them; leaves that kept their shape are the
+  original ones (nothing was removed from them)."""
+  def leaf(old, new):
+    if np.shape(old) == np.shape(new):
+      return old
+    return jax.device_put(new) if isinstance(old, jax.Array) else new
+  return jax.tree.map(leaf, original, sliced)
+
+
+def _narrow(traced: Traced, keep: Mapping[int, np.ndarray], host: PyTree) -> tuple[Any, Any]:
   if traced.kind == "nnx":
-    narrow_state = slicing.slice_tree(nnx.state(traced.model), traced.coupling, keep)
+    state = nnx.state(traced.model)
+    narrow_state = _like(state, slicing.slice_tree(_on_host(state), traced.coupling, keep))
     narrow_model = rebuild.narrow_nnx(traced.model, narrow_state)
     return narrow_model, nnx.state(narrow_model)
-  narrow_variables = slicing.slice_tree(traced.variables, traced.coupling, keep)
+  narrow_variables = _like(traced.variables, slicing.slice_tree(host, traced.coupling, keep))
   overrides = rebuild.linen_overrides(traced.linen_layers, narrow_variables["params"])
   return rebuild.narrow_linen(traced.model, overrides), narrow_variables
 

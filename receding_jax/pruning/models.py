@@ -25,7 +25,7 @@ from receding_jax.importances import neuron_importances
 from receding_jax.pruning.coupling import Coupling, analyze
 from receding_jax.pruning.criteria import ScoredGroup, score_groups
 from receding_jax.pruning.rebuild import record_linen_layers
-from receding_jax.selection import leaf_names
+from receding_jax.selection import leaf_names, path_names
 
 EVAL_KWARGS = {"train": False, "training": False, "deterministic": True, "use_running_average": True}
 LINEN_COLLECTIONS = ("params", "batch_stats")
@@ -43,6 +43,7 @@ class Traced:
   coupling: Coupling
   groups: list[ScoredGroup]
   linen_layers: dict[tuple[str, ...], nn.Module]
+  call_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # What `apply` calls it with.
 
   def group(self, name: str) -> ScoredGroup:
     for g in self.groups:
@@ -113,9 +114,12 @@ def check_linen_variables(model: nn.Module, variables: Any, expected: Mapping[st
 
 def _norm_importances(variables: Any, prefix: tuple[str, ...]) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
   """{norm path: (its scale leaf name, importance)}; empty when the model has no norm. Abstract variables
-  (shapes only) score zero."""
-  abstract = lambda x: np.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x
-  variables = jax.tree.map(abstract, variables)
+  (shapes only) score zero. The scales are read on the host: eager jax would compile per layer shape."""
+  def host(path, x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return np.zeros(x.shape, x.dtype)
+    return np.asarray(x) if path_names(path)[-1:] in (("scale_logit",), ("scale",)) else x
+  variables = jax.tree_util.tree_map_with_path(host, variables)
   try:
     found = neuron_importances(variables)
   except ValueError:
@@ -145,7 +149,7 @@ def trace(model: Any, variables: Any = None, inputs: Any = None,
     apply = lambda s, *x: nnx.merge(graphdef, s)(*x, **dict(apply_kwargs or {}))
     coupling = analyze(apply, state, *specs)
     groups = score_groups(coupling, _norm_importances(state, ()))
-    return Traced(model, "nnx", apply, state, specs, coupling, groups, {})
+    return Traced(model, "nnx", apply, state, specs, coupling, groups, {}, dict(apply_kwargs or {}))
   if not isinstance(model, nn.Module):
     raise TypeError(f"prune a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}")
   kwargs = eval_kwargs(model, apply_kwargs)
@@ -156,4 +160,4 @@ def trace(model: Any, variables: Any = None, inputs: Any = None,
   with nn.intercept_methods(record_linen_layers(layers)):
     coupling = analyze(apply, variables, *specs)
   groups = score_groups(coupling, _norm_importances(variables, ("params",)))
-  return Traced(model, "linen", apply, variables, specs, coupling, groups, layers)
+  return Traced(model, "linen", apply, variables, specs, coupling, groups, layers, kwargs)
