@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 
-from receding_jax import deploy
+from receding_jax import compile_clock, deploy
+from receding_jax.training import console
 from receding_jax.training.exported_checkpoint import export_checkpoint
 
 
@@ -32,14 +33,16 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--step", type=int, default=None)
   args = parser.parse_args(argv)
   try:
-    report = export_checkpoint(args.checkpoint_dir, args.output_dir, _names(args.format), step=args.step,
-                               quantize=_names(args.quantize), tflite_batch=args.tflite_batch)
+    with compile_clock.Clock() as clock:
+      report = export_checkpoint(args.checkpoint_dir, args.output_dir, _names(args.format), step=args.step,
+                                 quantize=_names(args.quantize), tflite_batch=args.tflite_batch)
   except (FileExistsError, FileNotFoundError, ValueError, ImportError) as e:  # Bad input, missing tools: one line.
     parser.exit(2, f"error: {e}\n")
   for name, entry in report["files"].items():
     print(f"{name}: {entry['bytes']:,} bytes, max |error| {entry['max_abs_error']:.3g} "
           f"({entry['relative_error']:.2g} of the largest output), same predictions {entry['same_predictions']:.1%}")
   print(f"folded {len(report['folding']['folded'])} norms; wrote {args.output_dir}")
+  print(console.phase_line({"phase": "export", **clock.as_dict()}))
 
 
 if __name__ == "__main__":

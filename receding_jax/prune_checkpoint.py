@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import argparse
 
-from receding_jax import pruning
+from receding_jax import compile_clock, pruning
+from receding_jax.training import console
 from receding_jax.training.pruned_checkpoint import format_report, prune_checkpoint
 
 
@@ -50,17 +51,19 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--input_shape", default=None, help="one input's shape without batch, e.g. 32,32,3")
   args = parser.parse_args(argv)
   try:
-    report = prune_checkpoint(
-        args.checkpoint_dir, args.output_dir, step=args.step, ratio=args.ratio, scope=args.scope,
-        min_channels=args.min_channels, flop_reduction=args.flop_reduction, threshold=args.threshold,
-        channel_multiple=args.channel_multiple, prune_streams=args.prune_streams, model_factory=args.model,
-        input_shape=_shape(args.input_shape),
-    )
+    with compile_clock.Clock() as clock:
+      report = prune_checkpoint(
+          args.checkpoint_dir, args.output_dir, step=args.step, ratio=args.ratio, scope=args.scope,
+          min_channels=args.min_channels, flop_reduction=args.flop_reduction, threshold=args.threshold,
+          channel_multiple=args.channel_multiple, prune_streams=args.prune_streams, model_factory=args.model,
+          input_shape=_shape(args.input_shape),
+      )
   except (FileExistsError, FileNotFoundError, ValueError) as e:  # Bad input or a damaged checkpoint: one line.
     parser.exit(2, f"error: {e}\n")
   print(format_report(report))
   print(f"widths: {report['widths_before']} -> {report['widths_after']}")
   print(f"wrote {args.output_dir}")
+  print(console.phase_line({"phase": "prune", **clock.as_dict(), "parts": report["seconds"]}))
 
 
 if __name__ == "__main__":
