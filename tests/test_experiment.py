@@ -59,7 +59,7 @@ def test_every_phase_reports_its_compile_and_run_time(pipeline_run):
     assert 0 <= record["compile_seconds"] <= record["seconds"] + 1e-6, record
     assert abs(record["compile_seconds"] + record["run_seconds"] - record["seconds"]) < 1e-6, record
   assert phases["train"]["compiles"] >= 2 and phases["train"]["compile_seconds"] > 0  # At least train + eval.
-  assert set(phases["prune 0.5"]["parts"]) == {"read", "prune and check", "count", "save"}
+  assert set(phases["prune 0.5"]["parts"]) == {"read", "analysis", "slicing", "check", "count", "save"}
   lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["phase"] for r in lines if "phase" in r] == list(phases)
   epochs = [r for r in lines if "epoch" in r]

@@ -9,6 +9,7 @@ random input must equal the wide model's with the removed channels' parameters z
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -159,6 +160,7 @@ def prune_params(
     allow_approximate: bool = False,
     check: bool = True,
     apply_kwargs: Mapping[str, Any] | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> tuple[Any, Any]:
   """Physically removes channels: returns the narrower model and its variables.
 
@@ -167,8 +169,10 @@ def prune_params(
   numpy in numpy out; NNX: (a new narrow module, its `nnx.state`). Everything is checked before slicing,
   and with `check` the result is verified (see `verify`); nothing is mutated. A removed BatchNorm
   channel's bias (beta) goes with it, as in Network Slimming; bounded norms have no bias by default, so
-  their pruning is exact when the removed importances are 0.
+  their pruning is exact when the removed importances are 0. `seconds`, if given, receives the wall time
+  of each stage: 'analysis' (trace, coupling, criterion), 'slicing' (narrow model and variables), 'check'.
   """
+  lap = _stopwatch(seconds if seconds is not None else {})
   traced = trace(model, variables, inputs, apply_kwargs)
   if masks is None:
     masks = _choose(traced, ratio, flop_reduction, threshold, scope, min_channels, channel_multiple,
@@ -176,14 +180,29 @@ def prune_params(
   elif any(c is not None for c in (ratio, flop_reduction, threshold)):
     raise ValueError("give either masks or a pruning criterion (ratio, flop_reduction, threshold), not both")
   keep = check_masks(traced, masks, allow_approximate)
+  lap("analysis")
   host = _on_host(traced.variables)
   narrow_model, narrow_variables = _narrow(traced, keep, host)
+  lap("slicing")
   approximate = any(traced.coupling.groups[i].status == "approximate" for i in keep)
   if approximate:
     warnings.warn("pruned approximate groups: the narrow model differs from the original", stacklevel=2)
   elif check and keep:
     verify(traced, keep, narrow_model, narrow_variables, host)
+  lap("check")
   return narrow_model, narrow_variables
+
+
+def _stopwatch(seconds: dict[str, float]):
+  """lap(name): the seconds since the previous lap (or since this call) go to seconds[name]."""
+  last = [time.perf_counter()]
+
+  def lap(name: str) -> None:
+    now = time.perf_counter()
+    seconds[name] = seconds.get(name, 0.0) + now - last[0]
+    last[0] = now
+
+  return lap
 
 
 def _on_host(tree: PyTree) -> PyTree:

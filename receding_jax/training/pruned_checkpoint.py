@@ -4,8 +4,8 @@ The output holds step 0 with the narrow model's params and batch_stats and a mod
 layers' widths by path (``pruned``), so it restores and evaluates with `checkpointing.restore` +
 `model_specs.build_model` without the original; beside it ``pruning_report.json``
 (`workdir.write_report`): parameters, FLOPs and group widths before and after, the criterion, and the
-seconds spent reading, pruning (analysis, slicing and the check that verifies the narrow model), counting
-and saving. Used
+seconds spent reading, analysing, slicing, checking the narrow model (`prune_params`' check), counting and
+saving. Used
 by the experiment's prune phase and by ``python -m receding_jax.prune_checkpoint``.
 """
 
@@ -63,12 +63,11 @@ def prune_checkpoint(
   model = model_specs.base_model(spec)
   inputs = model_specs.example_inputs(spec)
   variables = {k: jax.device_get(state[k]) for k in ("params", "batch_stats") if k in state}
-  with _timer(seconds, "prune and check"):
-    narrow_model, narrow_variables = pruning.prune_params(
-        model, variables, ratio, inputs=inputs, scope=scope, min_channels=min_channels,
-        flop_reduction=flop_reduction, threshold=threshold, channel_multiple=channel_multiple,
-        prune_streams=prune_streams,
-    )
+  narrow_model, narrow_variables = pruning.prune_params(
+      model, variables, ratio, inputs=inputs, scope=scope, min_channels=min_channels,
+      flop_reduction=flop_reduction, threshold=threshold, channel_multiple=channel_multiple,
+      prune_streams=prune_streams, seconds=seconds,  # 'analysis', 'slicing', 'check'.
+  )
   narrow_spec = {**spec, "pruned": getattr(narrow_model, "pruned_overrides", {})}
   with _timer(seconds, "count"):
     counts = _counts(model, variables, narrow_model, narrow_variables, inputs, prune_streams)
