@@ -19,9 +19,10 @@ NORM_KINDS = ("bounded", "batch")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 def flat_normal(variance: Callable[[tuple[int, ...]], float]) -> nn.initializers.Initializer:
-  """Normal(0, variance(shape)) drawn as one flat vector and reshaped: the same values as
+  """Normal(0, variance(shape)) drawn as one flat vector and reshaped: the values of
   ``jax.random.normal(key, shape) * sqrt(variance)`` (with jax's partitionable threefry, the default, the
-  draw of element i depends only on its flat index), but it compiles an order of magnitude faster on
+  random bits of element i depend only on its flat index; the float maths after them may round apart in
+  the last bit, as XLA compiles the two programs differently), but it compiles an order of magnitude faster on
   XLA:CPU, which optimises the counter arithmetic of an N-D draw slowly and once per distinct shape
   (18 pruned-width 3x3 kernels: 17-29 s against 2.7 s; a pruned quickstart ResNet-20's init: 17-30 s)."""
 
