@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from fake_gcs import run_on_fake_gcs
@@ -88,3 +90,25 @@ def test_the_file_helpers_work_on_a_gs_workdir(tmp_path):
                     "/bucket/run/plots/importances_per_epoch.png", "/bucket/run/results.json",
                     "/bucket/run/results.md"]  # No temporary file left, the removed tree gone.
   assert os.listdir(tmp_path) == []  # Nothing went to the local disk.
+
+
+KEEPS_BACKEND = """
+import json, sys
+import matplotlib
+matplotlib.use("svg")  # A user's (a notebook's) own choice.
+from receding_jax.training import experiment, plots, workdir as wd
+
+root = sys.argv[1]
+wd.append_metrics(root, {"epoch": 1, "importance_histogram": [1] * 100})
+plots.importance_over_epochs(root, wd.plots_dir(root) / "importances_per_epoch.png")
+print(json.dumps({"backend": matplotlib.get_backend(), "pyplot": "matplotlib.pyplot" in sys.modules}))
+"""
+
+
+def test_figures_leave_the_users_plotting_backend_alone(tmp_path):
+  result = subprocess.run([sys.executable, "-c", KEEPS_BACKEND, str(tmp_path)], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-2000:]
+  state = json.loads(result.stdout.strip().splitlines()[-1])
+  assert state == {"backend": "svg", "pyplot": False}
+  assert (tmp_path / "plots" / "importances_per_epoch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

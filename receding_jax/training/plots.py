@@ -1,4 +1,8 @@
-"""Figures of one or several experiment workdirs (PNG, matplotlib's Agg backend, no display needed).
+"""Figures of one or several experiment workdirs (PNG, no display needed).
+
+matplotlib's object-oriented API draws them (`matplotlib.figure.Figure`, rendered to PNG by Agg): no
+pyplot, so importing or using this module never changes the process's plotting backend (a notebook's stays
+as it was) and never keeps figures open; matplotlib itself is imported on the first figure.
 
 They read only what the loop writes, through `workdir`: ``metrics.jsonl`` (a 100-bin histogram of all
 importances on [0, 1] per epoch) and ``results.json`` (accuracies per pruning ratio); they write through it
@@ -12,13 +16,9 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Mapping, Sequence
 
-import matplotlib
 import numpy as np
 
 from receding_jax.training import workdir as wd
-
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt
 
 
 def last_per_epoch(records: Sequence[Mapping]) -> list[dict]:
@@ -38,7 +38,7 @@ def read_epochs(workdir: wd.PathLike) -> list[dict]:
 def importance_distribution(groups: Mapping[str, Sequence[str]], path: wd.PathLike) -> None:
   """Overlaid histograms of the final importances of each label (seeds pooled; bimodality shows as two
   modes)."""
-  fig, ax = plt.subplots(figsize=(6, 3.5))
+  fig, ax = _figure()
   edges = np.linspace(0.0, 1.0, 101)
   for label, workdirs in groups.items():
     counts = sum(np.asarray(read_epochs(w)[-1]["importance_histogram"], float) for w in workdirs)
@@ -53,7 +53,7 @@ def importance_over_epochs(workdir: wd.PathLike, path: wd.PathLike) -> None:
   """Importance histograms of every epoch as a heat map (epochs down, importance across)."""
   epochs = read_epochs(workdir)
   counts = np.asarray([e["importance_histogram"] for e in epochs], float)
-  fig, ax = plt.subplots(figsize=(6, 3.5))
+  fig, ax = _figure()
   image = ax.imshow(np.log1p(counts), aspect="auto", origin="lower", extent=(0, 1, 0.5, len(epochs) + 0.5),
                     cmap="viridis")
   ax.set(xlabel="importance", ylabel="epoch", title="importance histogram per epoch (log(1 + count))")
@@ -69,7 +69,7 @@ def accuracy_vs_ratio(
   seeds of a label, their standard deviation as error bars. `read` gives a workdir's results (default: its
   results.json)."""
   read = read or (lambda w: wd.read_results(w, required=True))
-  fig, ax = plt.subplots(figsize=(6, 3.5))
+  fig, ax = _figure()
   for i, (label, workdirs) in enumerate(groups.items()):
     runs = [read(w) for w in workdirs]
     for key, style in (("pruned", "--"), ("finetuned", "-")):
@@ -93,12 +93,19 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
   return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
+def _figure():
+  """(figure, axes) of one 6 x 3.5 in plot, outside pyplot (see the module doc)."""
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(6, 3.5))
+  return fig, fig.subplots()
+
+
 def _save(fig, path: wd.PathLike) -> None:
   """The figure as PNG at `path` (local or gs://), written atomically by process 0."""
   fig.tight_layout()
   png = io.BytesIO()
   fig.savefig(png, dpi=120, format="png")
-  plt.close(fig)
   wd.write_bytes(path, png.getvalue())
 
 
