@@ -53,11 +53,6 @@ def path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
   return tuple(_key_name(key) for key in path)
 
 
-def path_string(path: tuple[Any, ...]) -> str:
-  """A key path as 'block1/norm1/scale_logit'."""
-  return "/".join(path_names(path))
-
-
 def leaf_names(tree: PyTree) -> list[tuple[str, ...]]:
   """The name of every leaf of `tree` (see `path_names`), in `jax.tree.leaves` order."""
   return [path_names(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]

@@ -99,9 +99,14 @@ def digits_config(**data):
 def test_placement_is_the_device_when_the_splits_fit_and_a_forced_misfit_names_both_sizes():
   c = digits_config()
   shards = data.load_splits(c, ("train", "test"))
-  size = sum(data.split_megabytes(s) for s in shards.values())
-  assert size == pytest.approx(1797 * 64 / 2**20, rel=1e-6)  # 8x8x1 uint8 digits, train + test.
+  once = sum(data.split_megabytes(s) for s in shards.values())
+  assert once == pytest.approx(1797 * 64 / 2**20, rel=1e-6)  # 8x8x1 uint8 digits, train + test.
+  # The training split counts twice: each epoch is laid out on the devices as a permuted copy of it.
+  size = data.device_megabytes(shards)
+  assert size == pytest.approx((1797 + 1500) * 64 / 2**20, rel=1e-6)
   assert data.choose_placement(c, shards) == "device"
+  c.data.device_budget_mb = (once + size) / 2  # Holds the splits once, not with the epoch's copy.
+  assert data.choose_placement(c, shards) == "streaming"
   c.data.device_budget_mb = size / 2
   assert data.choose_placement(c, shards) == "streaming"
   c.data.placement = "device"

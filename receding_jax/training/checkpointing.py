@@ -2,8 +2,8 @@
 
 A checkpoint step holds two items:
   - 'state': a pytree (params, batch_stats, optimizer state, step, rng, ...), `StandardSave`;
-  - 'model': a JSON model spec ({'name', 'num_classes', 'norm', 'overrides'}) that rebuilds the model,
-    pruned widths included, with `receding_jax.models.get_model`.
+  - 'model': a JSON model spec ({'name', 'num_classes', 'norm', 'overrides'}, and the pruned widths by
+    module path under 'pruned') that `training.model_specs.build_model` rebuilds the model from.
 Orbax writes each step to a temporary directory and renames it when complete, so a crash or kill
 mid-save leaves the previous steps intact and the partial one invisible.
 """
@@ -66,11 +66,6 @@ def save(
       metrics=dict(metrics) if metrics is not None else None,
   )
   manager.wait_until_finished()
-
-
-def latest_step(manager: ocp.CheckpointManager) -> int | None:
-  """The newest complete step, or None."""
-  return manager.latest_step()
 
 
 class DamagedCheckpointError(ValueError):

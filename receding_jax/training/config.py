@@ -54,7 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
   # host (Grain); 'auto' = 'device' when the splits fit `device_budget_mb` and their augmentation runs there.
   c.data = ml_collections.ConfigDict()
   c.data.placement = "auto"
-  c.data.device_budget_mb = 2048.0  # uint8 images of every split the run reads, all devices together.
+  # uint8 images of every split the run reads, the training split twice (its epoch is laid out as a copy),
+  # all devices together.
+  c.data.device_budget_mb = 2048.0
   # Steps per dispatch of device-resident data; 0 = 100 on GPUs and TPUs, 1 on CPUs (XLA:CPU runs a step
   # inside a scan slower than a dispatched one: benchmarks/).
   c.data.steps_per_dispatch = 0
@@ -84,7 +86,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.learning_rate = 0.1
   c.optim.momentum = 0.9
   c.optim.nesterov = True
-  c.optim.weight_decay = 1e-4  # Coupled (added to the gradient), on conv and dense parameters.
+  # Coupled (added to the gradient), on every parameter but the bounded norms' logits: conv and dense
+  # kernels and biases, BatchNorm scales and biases (the reference's SGD weight_decay).
+  c.optim.weight_decay = 1e-4
   c.optim.norm_lr_multiplier = 10.0  # Bounded norms: lr x this and no weight decay.
   c.optim.schedule = "step"  # 'step': x decay_factor at each of decay_fractions; 'cosine'.
   c.optim.decay_fractions = (0.5, 0.75)

@@ -21,8 +21,6 @@ import numpy as np
 from receding_jax.training import resident, splits, streaming
 from receding_jax.training.steps import Batch, Prepare, chunk_sharding, ready
 
-PLACEMENTS = ("auto", "device", "streaming")
-
 
 @dataclasses.dataclass(frozen=True)
 class Feed:
@@ -44,11 +42,18 @@ def split_megabytes(split: splits.Split) -> float:
   return splits.nbytes_estimate(split) * split.total_examples / max(split.num_examples, 1) / 2**20
 
 
+def device_megabytes(shards: Mapping[str, splits.Split]) -> float:
+  """MB the device placement holds: every split's uint8 images, and the training split a second time
+  (each epoch is laid out as a permuted copy of it, `resident.lay_out_epoch`)."""
+  return sum(split_megabytes(s) for s in shards.values()) + (split_megabytes(shards["train"]) if "train" in shards
+                                                               else 0.0)
+
+
 def choose_placement(config: ml_collections.ConfigDict, shards: Mapping[str, splits.Split]) -> str:
   """'device' or 'streaming' for `shards` (see the module doc); ValueError, naming both sizes, when
   'device' is asked for and cannot be done."""
   asked = config.data.placement
-  size = sum(split_megabytes(s) for s in shards.values())
+  size = device_megabytes(shards)
   budget = config.data.device_budget_mb
   if asked == "streaming":
     return asked
@@ -56,7 +61,8 @@ def choose_placement(config: ml_collections.ConfigDict, shards: Mapping[str, spl
   if config.dataset.augment not in resident.AUGMENTATIONS:
     why_not = f"its augmentation {config.dataset.augment!r} runs on the host only (device: {resident.AUGMENTATIONS})"
   elif size > budget:
-    why_not = (f"its splits take {size:.1f} MB of uint8 images, more than data.device_budget_mb = {budget:g} MB")
+    why_not = (f"its splits take {size:.1f} MB of uint8 images (the training split twice: each epoch is laid out "
+               f"as a copy), more than data.device_budget_mb = {budget:g} MB")
   if why_not and asked == "device":
     raise ValueError(f"data.placement = 'device' cannot hold this dataset: {why_not}")
   return "streaming" if why_not else "device"

@@ -26,11 +26,11 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from receding_jax.training.augment import CIFAR_PAD
 from receding_jax.training.steps import DATA_AXIS, Batch, chunk_sharding, data_key
 
 #: Augmentations the device-resident path computes (others stream from the host).
 AUGMENTATIONS = ("cifar", "none")
-CIFAR_PAD = 4
 
 
 def rows_per_process(total: int, process_count: int, local_devices: int) -> int:
