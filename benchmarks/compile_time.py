@@ -30,6 +30,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "launch"))
 from cifar_tarball import extract_subset  # noqa: E402
 
+from receding_jax.training import plots  # noqa: E402
+
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
@@ -46,15 +48,10 @@ def _run_main(config: str, workdir: pathlib.Path, cache: pathlib.Path, *override
   return wall
 
 
-def _epochs(workdir: pathlib.Path) -> list[dict]:
-  lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines() if x]
-  return [r for r in lines if "epoch" in r]
-
-
 def steady_seconds(workdir: pathlib.Path) -> float:
   """Median epoch time x epochs of the training run and of every fine-tune under `workdir`."""
-  runs = [workdir, *sorted(workdir.glob("pruned_*/finetune"))]
-  return sum(statistics.median(e["epoch_seconds"] for e in _epochs(w)) * len(_epochs(w)) for w in runs)
+  runs = [plots.read_epochs(w) for w in (workdir, *sorted(workdir.glob("pruned_*/finetune")))]
+  return sum(statistics.median(e["epoch_seconds"] for e in epochs) * len(epochs) for epochs in runs)
 
 
 def run_row(case: str, config: str, workdir: pathlib.Path, cache: pathlib.Path, *overrides: str) -> dict:

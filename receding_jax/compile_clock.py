@@ -4,19 +4,25 @@ JAX reports every trace, lowering and XLA compilation as a time span with the fu
 collects the spans that start while it is open; its `compile_seconds` is the length of their union (a jit
 traced inside another's trace is not counted twice), and `compiles` lists the XLA compilations by
 function, persistent-cache hits marked (they go through the same path and take milliseconds).
-`compile_counts()` counts XLA compilations by function name since the clock was first used in this process.
+`compile_counts()` counts XLA compilations by function name since the first `Clock` or `compile_counts()` of
+this process.
 
     with compile_clock.Clock() as clock:
       train_step(state, batch)
-    print(clock.seconds, clock.compile_seconds, clock.compile_summary())
+    print(clock.seconds, clock.compile_seconds, clock.as_dict()["compiled"])
+
+`timed(seconds, name)` adds a block's wall time to ``seconds[name]``: the parts of a phase (read, analysis,
+slicing, check, ...) that reports record beside its compile and run time.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from jax import monitoring
@@ -87,28 +93,17 @@ class Clock:
         out.append(Compilation(name, end - start, hit))
     return out
 
-  def compile_summary(self, top: int = 3) -> str:
-    """'train_chunk 4.1 s, evaluate 1.2 s, 5 more 0.4 s': the slowest compilations by function."""
-    by_name: dict[str, float] = collections.defaultdict(float)
-    for c in self.compiles:
-      by_name[short_name(c.name)] += c.seconds
-    ranked = sorted(by_name.items(), key=lambda kv: -kv[1])
-    parts = [f"{name} {seconds:.1f} s" for name, seconds in ranked[:top]]
-    rest = ranked[top:]
-    if rest:
-      parts.append(f"{len(rest)} more {sum(s for _, s in rest):.1f} s")
-    return ", ".join(parts)
-
   def as_dict(self) -> dict[str, Any]:
     """{'seconds', 'compile_seconds', 'run_seconds', 'compiles', 'cache_hits', 'compiled': {name: XLA seconds},
     'compile_counts': {name: XLA compilations}}."""
+    compiles = self.compiles
     compiled: dict[str, float] = collections.defaultdict(float)
     counts: collections.Counter = collections.Counter()
-    for c in self.compiles:
+    for c in compiles:
       compiled[short_name(c.name)] += c.seconds
       counts[short_name(c.name)] += 1
     return {"seconds": self.seconds, "compile_seconds": self.compile_seconds, "run_seconds": self.run_seconds,
-            "compiles": len(self.compiles), "cache_hits": sum(c.cache_hit for c in self.compiles),
+            "compiles": len(compiles), "cache_hits": sum(c.cache_hit for c in compiles),
             "compiled": dict(compiled), "compile_counts": dict(counts)}
 
 
@@ -119,15 +114,18 @@ def short_name(name: str) -> str:
 
 def compile_counts() -> collections.Counter:
   """XLA compilations (persistent-cache hits included) by short function name, since the first `Clock` or
-  `start_counting` of this process."""
+  `compile_counts()` of this process."""
   _install()
   with _LOCK:
     return collections.Counter(_COUNTS)
 
 
-def start_counting() -> None:
-  """Starts counting compilations for `compile_counts` (idempotent; any `Clock` does it too)."""
-  _install()
+@contextlib.contextmanager
+def timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+  """Adds the wall time of the block to ``seconds[name]`` (nothing if it raises)."""
+  start = time.perf_counter()
+  yield
+  seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 _LOCK = threading.Lock()

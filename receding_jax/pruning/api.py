@@ -9,7 +9,6 @@ random input must equal the wide model's with the removed channels' parameters z
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -18,8 +17,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from receding_jax.compile_clock import timed
 from receding_jax.pruning import criteria, rebuild, slicing
-from receding_jax.pruning.checking import verify
+from receding_jax.pruning.checking import host_arrays, verify
 from receding_jax.pruning.criteria import Masks
 from receding_jax.pruning.models import Traced, abstract_linen_variables, eval_kwargs, input_specs, trace
 from receding_jax.pruning.optimizer_state import slice_params_like
@@ -172,42 +172,25 @@ def prune_params(
   their pruning is exact when the removed importances are 0. `seconds`, if given, receives the wall time
   of each stage: 'analysis' (trace, coupling, criterion), 'slicing' (narrow model and variables), 'check'.
   """
-  lap = _stopwatch(seconds if seconds is not None else {})
-  traced = trace(model, variables, inputs, apply_kwargs)
-  if masks is None:
-    masks = _choose(traced, ratio, flop_reduction, threshold, scope, min_channels, channel_multiple,
-                    prune_streams, allow_approximate)
-  elif any(c is not None for c in (ratio, flop_reduction, threshold)):
-    raise ValueError("give either masks or a pruning criterion (ratio, flop_reduction, threshold), not both")
-  keep = check_masks(traced, masks, allow_approximate)
-  lap("analysis")
-  host = _on_host(traced.variables)
-  narrow_model, narrow_variables = _narrow(traced, keep, host)
-  lap("slicing")
-  approximate = any(traced.coupling.groups[i].status == "approximate" for i in keep)
-  if approximate:
-    warnings.warn("pruned approximate groups: the narrow model differs from the original", stacklevel=2)
-  elif check and keep:
-    verify(traced, keep, narrow_model, narrow_variables, host)
-  lap("check")
+  seconds = {} if seconds is None else seconds
+  with timed(seconds, "analysis"):
+    traced = trace(model, variables, inputs, apply_kwargs)
+    if masks is None:
+      masks = _choose(traced, ratio, flop_reduction, threshold, scope, min_channels, channel_multiple,
+                      prune_streams, allow_approximate)
+    elif any(c is not None for c in (ratio, flop_reduction, threshold)):
+      raise ValueError("give either masks or a pruning criterion (ratio, flop_reduction, threshold), not both")
+    keep = check_masks(traced, masks, allow_approximate)
+  with timed(seconds, "slicing"):
+    host = host_arrays(traced.variables)
+    narrow_model, narrow_variables = _narrow(traced, keep, host)
+  with timed(seconds, "check"):
+    approximate = any(traced.coupling.groups[i].status == "approximate" for i in keep)
+    if approximate:
+      warnings.warn("pruned approximate groups: the narrow model differs from the original", stacklevel=2)
+    elif check and keep:
+      verify(traced, keep, narrow_model, narrow_variables, host)
   return narrow_model, narrow_variables
-
-
-def _stopwatch(seconds: dict[str, float]):
-  """lap(name): the seconds since the previous lap (or since this call) go to seconds[name]."""
-  last = [time.perf_counter()]
-
-  def lap(name: str) -> None:
-    now = time.perf_counter()
-    seconds[name] = seconds.get(name, 0.0) + now - last[0]
-    last[0] = now
-
-  return lap
-
-
-def _on_host(tree: PyTree) -> PyTree:
-  """Every leaf as numpy: slicing and zeroing on the host compile nothing (jax would, per leaf shape)."""
-  return jax.tree.map(np.asarray, tree)
 
 
 def _like(original: PyTree, sliced: PyTree) -> PyTree:
@@ -223,7 +206,7 @@ def _like(original: PyTree, sliced: PyTree) -> PyTree:
 def _narrow(traced: Traced, keep: Mapping[int, np.ndarray], host: PyTree) -> tuple[Any, Any]:
   if traced.kind == "nnx":
     state = nnx.state(traced.model)
-    narrow_state = _like(state, slicing.slice_tree(_on_host(state), traced.coupling, keep))
+    narrow_state = _like(state, slicing.slice_tree(host_arrays(state), traced.coupling, keep))
     narrow_model = rebuild.narrow_nnx(traced.model, narrow_state)
     return narrow_model, nnx.state(narrow_model)
   narrow_variables = _like(traced.variables, slicing.slice_tree(host, traced.coupling, keep))

@@ -68,7 +68,9 @@ def _narrow_program(traced: Traced, narrow_model: Any, narrow_variables: Any) ->
   return (lambda v, *x: narrow_model.apply(v, *x, **kwargs)), narrow_variables
 
 
-def _on_host(tree: Any) -> Any:
+def host_arrays(tree: Any) -> Any:
+  """Every leaf as numpy: slicing, zeroing and checking on the host compile nothing (jax would, per leaf
+  shape)."""
   return jax.tree.map(np.asarray, tree)
 
 
@@ -84,7 +86,7 @@ def _run(traced: Traced, zeroed: Any, narrow: tuple[Callable[..., Any], Any], in
   try:
     with _one_blas_thread():
       reference = evaluate(wide_jaxpr, *jax.tree.leaves(zeroed), *inputs)
-      outputs = evaluate(narrow_jaxpr, *jax.tree.leaves(_on_host(variables)), *inputs)
+      outputs = evaluate(narrow_jaxpr, *jax.tree.leaves(host_arrays(variables)), *inputs)
     return reference, outputs
   except Unsupported:
     pass
@@ -129,7 +131,7 @@ def verify(traced: Traced, keep: Mapping[int, np.ndarray], narrow_model: Any, na
   random input; ValueError (naming the first failing group's modules) when it exceeds the tolerance.
   `host_variables`: the wide variables as numpy, when the caller has them already."""
   inputs = _random_inputs(traced.inputs)
-  wide = _on_host(traced.variables) if host_variables is None else host_variables
+  wide = host_arrays(traced.variables) if host_variables is None else host_variables
   zeroed = slicing.zero_tree(wide, traced.coupling, keep)
   reference, outputs = _run(traced, zeroed, _narrow_program(traced, narrow_model, narrow_variables), inputs)
   scale = max([1.0] + [float(np.max(np.abs(r[np.isfinite(r)]), initial=0.0)) for r in map(_as32, reference)])

@@ -262,9 +262,9 @@ RETIRED_KEYS = ("dataset.shuffle_buffer",)  # Only the tf.data stream of TFRecor
 RUN_ONLY_KEYS = ("compilation_cache_dir",)
 
 
-def without_retired_keys(saved: Mapping[str, Any]) -> dict[str, Any]:
-  """A recorded config (as JSON) without the `RETIRED_KEYS` and `RUN_ONLY_KEYS` it may hold: what two
-  configs must agree on to be the same run."""
+def run_identity(saved: Mapping[str, Any]) -> dict[str, Any]:
+  """What two configs (as JSON, e.g. recorded in a workdir) must agree on to be the same run: the config
+  without the `RETIRED_KEYS` and `RUN_ONLY_KEYS` it may hold."""
   saved = {k: dict(v) if isinstance(v, Mapping) else v for k, v in saved.items() if k not in RUN_ONLY_KEYS}
   for key in RETIRED_KEYS:
     section, name = key.split(".")

@@ -20,7 +20,7 @@ import ml_collections
 from receding_jax import compile_clock
 from receding_jax.training import checkpointing, compile_cache, console, loop, plots, workdir_files
 from receding_jax.training import workdir as wd
-from receding_jax.training.config import validate_config, without_retired_keys
+from receding_jax.training.config import run_identity, validate_config
 from receding_jax.training.pruned_checkpoint import prune_checkpoint
 
 #: What results.json reports per network: validation (every choice is made on it) and test accuracy.
@@ -96,11 +96,11 @@ def prune_phase(config: ml_collections.ConfigDict, workdir: str, ratio: float, s
   else:
     wd.remove_tree(pruned_dir)  # Our own output of an interrupted attempt: the report is written last.
     workdir_files.sync(f"cleared {pruned_dir}")
-    report, _ = timed_phase(workdir, f"prune {ratio:g}", lambda: prune_checkpoint(
+    report = timed_phase(workdir, f"prune {ratio:g}", lambda: prune_checkpoint(
         wd.checkpoint_dir(workdir), pruned_dir, step=step, ratio=ratio, scope=config.prune.scope,
         min_channels=config.prune.min_channels, channel_multiple=config.prune.channel_multiple,
     ), parts=lambda r: r.get("seconds", {}))
-  accuracies, _ = timed_phase(workdir, f"evaluate pruned {ratio:g}", lambda: evaluate_checkpoint(config, pruned_dir))
+  accuracies = timed_phase(workdir, f"evaluate pruned {ratio:g}", lambda: evaluate_checkpoint(config, pruned_dir))
   result = {**accuracies, "report": report, "prune_seconds": time.perf_counter() - start}
   wd.write_json(eval_path, result)
   return result
@@ -129,7 +129,7 @@ def recorded_results(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   """The results of a finished run of exactly `config` in `workdir`, or None."""
   results = wd.read_results(workdir)
   current = json.loads(config.to_json_best_effort())
-  if results is None or without_retired_keys(results.get("config", {})) != without_retired_keys(current):
+  if results is None or run_identity(results.get("config", {})) != run_identity(current):
     return None
   return results
 
@@ -156,10 +156,11 @@ def run(
 
 
 def timed_phase(workdir: str, phase: str, compute: Callable[[], Any],
-                parts: Callable[[Any], Mapping[str, float]] | None = None) -> tuple[Any, dict[str, Any]]:
+                parts: Callable[[Any], Mapping[str, float]] | None = None) -> Any:
   """`compute()` under a `compile_clock.Clock`: says what starts, then prints the phase's line (wall time =
   compile + run, the slowest compilations, and `parts(result)` where given) and appends it to the
-  workdir's metrics.jsonl as {'phase', 'seconds', 'compile_seconds', 'run_seconds', 'compiles', ...}."""
+  workdir's metrics.jsonl as {'phase', 'seconds', 'compile_seconds', 'run_seconds', 'compiles', ...};
+  returns what `compute` returned."""
   print(f"{phase}...", flush=True)
   with compile_clock.Clock() as clock:
     out = compute()
@@ -168,7 +169,7 @@ def timed_phase(workdir: str, phase: str, compute: Callable[[], Any],
     record["parts"] = dict(parts(out))
   print(console.phase_line(record), flush=True)
   wd.append_metrics(workdir, record)
-  return out, record
+  return out
 
 
 def _run_phases(config: ml_collections.ConfigDict, workdir: str, skip_damaged: bool) -> dict[str, Any]:
@@ -176,15 +177,15 @@ def _run_phases(config: ml_collections.ConfigDict, workdir: str, skip_damaged: b
   if "train" in phases:
     timed_phase(workdir, "train", lambda: loop.train_and_evaluate(config, workdir,
                                                                   skip_damaged_checkpoints=skip_damaged))
-  trained, _ = timed_phase(workdir, "evaluate trained", lambda: trained_network(config, workdir))
+  trained = timed_phase(workdir, "evaluate trained", lambda: trained_network(config, workdir))
   results: dict[str, Any] = {"trained": trained, "ratios": {}}
   for ratio in config.prune.ratios:
     entry: dict[str, Any] = {}
     if "prune" in phases:
       entry["pruned"] = prune_phase(config, workdir, ratio, trained["step"])
     if "finetune" in phases:
-      entry["finetuned"], _ = timed_phase(workdir, f"fine-tune {ratio:g}",
-                                          lambda r=ratio: finetune_phase(config, workdir, r, skip_damaged))
+      entry["finetuned"] = timed_phase(workdir, f"fine-tune {ratio:g}",
+                                       lambda r=ratio: finetune_phase(config, workdir, r, skip_damaged))
     results["ratios"][f"{ratio:g}"] = entry
   results["config"] = json.loads(config.to_json_best_effort())
   results["phases"] = wd.read_phases(workdir)

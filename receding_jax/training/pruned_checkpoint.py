@@ -11,10 +11,7 @@ by the experiment's prune phase and by ``python -m receding_jax.prune_checkpoint
 
 from __future__ import annotations
 
-import contextlib
 import os
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +19,7 @@ import jax
 import numpy as np
 
 from receding_jax import pruning
+from receding_jax.compile_clock import timed
 from receding_jax.training import checkpointing, model_specs, workdir_files
 from receding_jax.training import workdir as wd
 
@@ -58,7 +56,7 @@ def prune_checkpoint(
   if model_factory is not None:
     model_specs.import_factory(model_factory)  # A bad name fails before the checkpoint is read.
   seconds: dict[str, float] = {}
-  with _timer(seconds, "read"):
+  with timed(seconds, "read"):
     state, spec, source_step = _read_source(source_dir, step, model_factory, input_shape)
   model = model_specs.base_model(spec)
   inputs = model_specs.example_inputs(spec)
@@ -69,7 +67,7 @@ def prune_checkpoint(
       prune_streams=prune_streams, seconds=seconds,  # 'analysis', 'slicing', 'check'.
   )
   narrow_spec = {**spec, "pruned": getattr(narrow_model, "pruned_overrides", {})}
-  with _timer(seconds, "count"):
+  with timed(seconds, "count"):
     counts = _counts(model, variables, narrow_model, narrow_variables, inputs, prune_streams)
   report = {
       "source": os.fspath(source_dir), "source_step": source_step,
@@ -79,21 +77,13 @@ def prune_checkpoint(
       **counts,
   }
   workdir_files.sync(f"checked {output}")  # No process may see another's new output_dir as taken.
-  with _timer(seconds, "save"):
+  with timed(seconds, "save"):
     target = checkpointing.make_manager(output)
     checkpointing.save(target, 0, {**narrow_variables, "step": np.int64(0)}, narrow_spec)
     target.close()
   report["seconds"] = seconds
   wd.write_report(output, report)
   return report
-
-
-@contextlib.contextmanager
-def _timer(seconds: dict[str, float], name: str) -> Iterator[None]:
-  """Adds the wall time of the block to seconds[name]."""
-  start = time.perf_counter()
-  yield
-  seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def _read_source(source_dir, step: int | None, model_factory: str | None,

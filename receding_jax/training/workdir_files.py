@@ -33,7 +33,7 @@ import numpy as np
 from etils import epath
 
 from receding_jax.training import workdir as wd
-from receding_jax.training.config import differing_keys, without_retired_keys
+from receding_jax.training.config import differing_keys, run_identity
 from receding_jax.training.workdir import PathLike, is_writer, write_text
 
 _held: dict[str, int] = {}  # Workdirs this process holds -> nesting depth (a run holds its own workdir once).
@@ -65,10 +65,9 @@ def check_config(workdir: PathLike, config: ml_collections.ConfigDict) -> None:
   since retired from configs, and keys that only say how to run, do not count)."""
   current = json.loads(config.to_json_best_effort())
   saved = wd.read_config(workdir)
-  if saved is not None and without_retired_keys(saved) != without_retired_keys(current):
-    raise ValueError(f"workdir {workdir} holds a run of another config (differs in "
-                     f"{differing_keys(without_retired_keys(saved), without_retired_keys(current))}); use a new "
-                     "workdir")
+  if saved is not None and (before := run_identity(saved)) != (now := run_identity(current)):
+    raise ValueError(f"workdir {workdir} holds a run of another config (differs in {differing_keys(before, now)}); "
+                     "use a new workdir")
   if saved is None:
     wd.write_config(workdir, current)
 
