@@ -32,7 +32,9 @@ from cifar_tarball import extract_subset  # noqa: E402
 
 from receding_jax.training import plots  # noqa: E402
 
-SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+#: The real CIFAR-10 archive: the tests' one setting (README, "Set-up"), else ../shared/data beside the repository.
+SHARED_CIFAR = pathlib.Path(os.environ.get("RECEDING_JAX_CIFAR10_ARCHIVE")
+                            or REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
 
 
 def _run_main(config: str, workdir: pathlib.Path, cache: pathlib.Path, *overrides: str) -> float:

@@ -15,7 +15,7 @@ DIR is a CIFAR-10 image folder (train/<class>/*.jpg, test/<class>/*.jpg), e.g. a
   ToTensor, Normalize), shuffled, ``--torch-workers`` processes, pinned memory; the same VGG-16 / ResNet-56
   with sigmoid-scaled BatchNorm and the receding penalty added to the loss (benchmarks/torch_reference.py),
   SGD Nesterov; ``loss.item()`` every step. images/s over the epochs after the first (worker start-up).
-- MFU: training FLOPs per image = 3 x forward FLOPs (2 x the MACs of `receding_jax.count_flops`), times
+- MFU: training FLOPs per image = 3 x forward FLOPs (2 x the MACs of `receding_jax.count_macs`), times
   images/s, over the GPU's dense peak: bfloat16 rows against the BF16 tensor-core peak, float32 rows
   against the TF32 peak (XLA's and cuDNN's default for float32 convolutions), with the plain FP32 peak
   beside it. No peak is known for a CPU: MFU is left empty there.
@@ -50,7 +50,7 @@ PEAK_TFLOPS = {
     "H100": {"bfloat16": 989.4, "tf32": 494.7, "fp32": 66.9},
     "A100": {"bfloat16": 312.0, "tf32": 156.0, "fp32": 19.5},
 }
-#: The paper's receding-penalty settings per model (METHOD.md), for the torch loop.
+#: The paper's receding-penalty settings per model (docs/method.md), for the torch loop.
 TORCH_PENALTY = {"cifar_vgg16": (1e-3, 3.0), "cifar_resnet56": (1e-4, 0.0)}
 
 
@@ -61,10 +61,10 @@ def peak_tflops(device_kind: str) -> dict[str, float] | None:
 
 def train_gflop_per_image(model_name: str, width: float) -> float:
   """3 x forward FLOPs (2 FLOPs a MAC) of one 32x32 image, in GFLOP."""
-  from receding_jax import count_flops
+  from receding_jax import count_macs
   from receding_jax.models import get_model
 
-  return 3 * 2 * count_flops(get_model(model_name, 10, norm="bounded", width_multiplier=width)) / 1e9
+  return 3 * 2 * count_macs(get_model(model_name, 10, norm="bounded", width_multiplier=width)) / 1e9
 
 
 def with_utilisation(row: dict, peak: dict[str, float] | None) -> dict:
@@ -251,7 +251,7 @@ def markdown(report: dict) -> str:
   """The rows as a markdown table, with the device and how the numbers were measured."""
   d = report["device"]
   lines = [f"Device: {d['kind']} ({d['platform']}), jax {d['jax']}, torch {d.get('torch')}, host {d['cpu']} "
-           f"x {d['cpu_count']}. Training FLOPs per image = 3 x forward (2 x MACs of receding_jax.count_flops); "
+           f"x {d['cpu_count']}. Training FLOPs per image = 3 x forward (2 x MACs of receding_jax.count_macs); "
            "MFU against the dense BF16 peak (bfloat16 rows) or TF32 peak (float32 rows; FP32 peak in brackets).",
            "", *(f"{note}\n" for note in report.get("notes", [])),
            "| impl | model | batch | dtype | width | data | images/s | step ms | train GFLOP/img | TFLOP/s | MFU "

@@ -40,17 +40,16 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from compile_time import bench_compile
+from compile_time import SHARED_CIFAR, bench_compile
 from export_latency import bench_export, bench_export_accuracy, bench_export_tiles
 from norm_speed import bench_norm
 
 from receding_jax import pruning
-from receding_jax.models import get_model
+from receding_jax.models import for_platform, get_model
 from receding_jax.training import data, splits, steps, streaming
 from receding_jax.training.config import paper_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 #: Peak dense FLOP/s of accelerators we know (bf16/tf32 tensor cores differ; float32 here).
 PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 67e12, "NVIDIA H200": 67e12}
 
@@ -114,7 +113,7 @@ def bench_train(quick: bool) -> list[dict]:
     else:
       run, model = step_runner(cifar_trainer(name, batch))
     seconds = median_seconds(run, repeats=3 if quick or name == "resnet50" else 7)
-    flops = 2 * 3 * pruning.count_flops(model) * batch  # 2 FLOPs a MAC; backward ~ 2x forward.
+    flops = 2 * 3 * pruning.count_macs(model) * batch  # 2 FLOPs a MAC; backward ~ 2x forward.
     row = {"model": name, "batch": batch, "step_ms": 1e3 * seconds, "images_per_s": batch / seconds,
            "gflop_per_step": flops / 1e9, "gflop_per_s": flops / seconds / 1e9}
     peak = PEAK_FLOPS.get(jax.devices()[0].device_kind)
@@ -165,10 +164,10 @@ def random_importance_variables(model):
 def bench_pruned(quick: bool) -> list[dict]:
   rows = []
   for name in ("cifar_vgg16", "cifar_resnet56"):
-    model = get_model(name, 10)
+    model = for_platform(get_model(name, 10), jax.default_backend())  # What the trainer runs on this machine.
     variables = random_importance_variables(model)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 32, 32, 3)), jnp.float32)
-    base_flops = pruning.count_flops(model)
+    base_macs = pruning.count_macs(model)
     base_seconds = None
     for ratio, multiple in ((0.0, 1), (0.5, 1), (0.5, 8), (0.9, 1), (0.9, 8)):
       narrow_model, narrow_vars = pruning.prune_params(model, variables, ratio, channel_multiple=multiple)
@@ -176,10 +175,10 @@ def bench_pruned(quick: bool) -> list[dict]:
       narrow_vars = jax.device_put(narrow_vars)
       seconds = median_seconds(lambda f=forward, v=narrow_vars, x=x: f(v, x), repeats=5 if quick else 15)
       base_seconds = base_seconds or seconds
-      flops = pruning.count_flops(narrow_model)
+      macs = pruning.count_macs(narrow_model)  # flop_ratio: the MAC ratio, which is the FLOP ratio.
       rows.append({"model": name, "ratio": ratio, "channel_multiple": multiple, "batch": 64,
-                   "forward_ms": 1e3 * seconds, "flop_ratio": base_flops / flops, "speedup": base_seconds / seconds,
-                   "speedup_over_flop_ratio": (base_seconds / seconds) / (base_flops / flops)})
+                   "forward_ms": 1e3 * seconds, "flop_ratio": base_macs / macs, "speedup": base_seconds / seconds,
+                   "speedup_over_flop_ratio": (base_seconds / seconds) / (base_macs / macs)})
   return rows
 
 

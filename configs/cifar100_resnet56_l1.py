@@ -1,4 +1,4 @@
-"""ResNet-56 on CIFAR-100, L1 on BatchNorm scales (Network Slimming): METHOD.md sections 2-7."""
+"""ResNet-56 on CIFAR-100, L1 on BatchNorm scales (Network Slimming): docs/method.md sections 2-7."""
 
 from receding_jax.training.config import paper_config
 

@@ -1,4 +1,4 @@
-"""VGG-16 on CIFAR-100, UCS baseline (BatchNorm, no penalty; pruned with local scope): METHOD.md sections 2-7."""
+"""VGG-16 on CIFAR-100, UCS baseline (BatchNorm, no penalty, local-scope pruning): docs/method.md sections 2-7."""
 
 from receding_jax.training.config import paper_config
 

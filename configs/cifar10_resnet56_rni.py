@@ -1,4 +1,4 @@
-"""ResNet-56 on CIFAR-10, Receding Neuron Importances (bounded norms + receding penalty): METHOD.md sections 2-7."""
+"""ResNet-56 on CIFAR-10, Receding Neuron Importances (bounded norms, receding penalty): docs/method.md sections 2-7."""
 
 from receding_jax.training.config import paper_config
 

@@ -1,4 +1,4 @@
-"""ResNet-56 on CIFAR-10, UCS baseline (BatchNorm, no penalty; pruned with local scope): METHOD.md sections 2-7."""
+"""ResNet-56 on CIFAR-10, UCS baseline (BatchNorm, no penalty, local-scope pruning): docs/method.md sections 2-7."""
 
 from receding_jax.training.config import paper_config
 

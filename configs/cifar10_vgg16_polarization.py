@@ -1,4 +1,4 @@
-"""VGG-16 on CIFAR-10, polarization penalty (Zhuang et al., 2020): METHOD.md sections 2-7."""
+"""VGG-16 on CIFAR-10, polarization penalty (Zhuang et al., 2020): docs/method.md sections 2-7."""
 
 from receding_jax.training.config import paper_config
 

@@ -76,7 +76,8 @@ def method_summary(workdir: pathlib.Path, wall_s: float | None) -> dict:
     report = pruned.get("report") or {}
     ratios[ratio] = {
         "pruned": {**_pick(pruned, (*ACCURACY_KEYS, "prune_seconds")),
-                   **_pick(report, ("params_before", "params_after", "flops_before", "flops_after"))},
+                   **_pick(report, ("params_before", "params_after", "macs_before", "macs_after",
+                                    "flops_before", "flops_after"))},  # flops_*: runs before the MACs rename.
         "finetuned": _pick(tuned, (*ACCURACY_KEYS, "finetune_seconds")),
     }
   return {"workdir": str(workdir), "wall_s": wall_s,

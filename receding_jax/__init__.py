@@ -16,7 +16,10 @@ from receding_jax.penalties import (
     project_to_interval,
     receding_penalty,
 )
-from receding_jax.pruning import channel_masks, count_flops, count_params, prune_params, prune_params_like
+from receding_jax.pruning import channel_masks, count_macs, count_params, prune_params, prune_params_like
+from receding_jax.pruning import (
+    count_flops as count_flops,  # Deprecated name of count_macs (warns when called).
+)
 from receding_jax.selection import batch_norm_scale_mask, bounded_logit_mask
 
 __version__ = "0.1.0"
@@ -30,7 +33,7 @@ __all__ = [
     "batch_norm_scale_mask",
     "bounded_logit_mask",
     "channel_masks",
-    "count_flops",
+    "count_macs",
     "count_params",
     "importance_summary",
     "l1_penalty",

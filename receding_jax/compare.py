@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping, Sequence
 
+from receding_jax.errors import InputError
 from receding_jax.training import plots
 from receding_jax.training import workdir as wd
 from receding_jax.training.config import differing_keys
@@ -44,7 +45,7 @@ def check_seed_groups(groups: Mapping[str, Sequence[str]]) -> None:
     first = workdirs[0]
     for w in workdirs[1:]:
       if configs[w] != configs[first]:
-        raise ValueError(f"label {label!r} groups {first} and {w}, whose configs differ in "
+        raise InputError(f"label {label!r} groups {first} and {w}, whose configs differ in "
                          f"{differing_keys(configs[first], configs[w])} (not only "
                          "the seed); give them different labels")
 
@@ -93,7 +94,8 @@ def comparison_table(groups: Mapping[str, Sequence[str]]) -> str:
   lines += ["", "Accuracy in %, mean ± sample std over seeds. validation: where every choice is made; test: the "
             "network chosen on validation (or the last epoch). "
             f"'{PAPER_ROW}': the highest test accuracy over the epochs, as the paper and its code report "
-            "(METHOD.md section 7); it chooses on test, so it is only for putting these numbers beside the paper's."]
+            "(docs/method.md section 7); it chooses on test, so it is only for putting these numbers beside "
+            "the paper's."]
   if missing_paper:
     lines.append(f"No '{PAPER_ROW}' rows for {missing_paper}: test was not evaluated every epoch "
                  "(run with --config.eval_test_every_epoch=True).")
@@ -116,7 +118,7 @@ def group_workdirs(workdirs: Sequence[str], labels: Sequence[str]) -> dict[str, 
   if not labels:
     labels = [wd.path(w).name for w in workdirs]
   if len(labels) != len(workdirs):
-    raise ValueError(f"need one label per workdir, got {len(labels)} labels {list(labels)} for {len(workdirs)} "
+    raise InputError(f"need one label per workdir, got {len(labels)} labels {list(labels)} for {len(workdirs)} "
                      "workdirs")
   groups: dict[str, list[str]] = {}
   for label, workdir in zip(labels, workdirs, strict=True):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 from receding_jax import compile_clock, deploy
+from receding_jax.errors import InputError
 from receding_jax.training import console
 from receding_jax.training.exported_checkpoint import export_checkpoint
 
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     with compile_clock.Clock() as clock:
       report = export_checkpoint(args.checkpoint_dir, args.output_dir, _names(args.format), step=args.step,
                                  quantize=_names(args.quantize), tflite_batch=args.tflite_batch)
-  except (FileExistsError, FileNotFoundError, ValueError, ImportError) as e:  # Bad input, missing tools: one line.
+  except (InputError, FileExistsError, FileNotFoundError, deploy.ExportVerificationError,
+          deploy.MissingExportTools) as e:  # Bad input, missing tools, failed verification: one line.
     parser.exit(2, f"error: {e}\n")
   for name, entry in report["files"].items():
     print(f"{name}: {entry['bytes']:,} bytes, max |error| {entry['max_abs_error']:.3g} "

@@ -2,8 +2,9 @@
 
 Only parses flags, joins the processes of a multi-host run and hands over to `experiment.run`, which runs
 the phases the config names (train, prune, finetune). A mistake the user can fix (an unknown or impossible
-config key, a workdir in use or holding another config's run, a damaged checkpoint) ends the run with one
-line, ``error: ...``, and exit status 2, before anything is written.
+config key, a workdir in use or holding another config's run, missing data, a damaged checkpoint) ends the run
+with one line, ``error: ...``, and exit status 2, before anything is written; Ctrl-C ends it with one line
+saying how to resume (status 130). Any other error is a bug and shows its traceback.
 Multi-host: on a Cloud TPU slice or under SLURM `jax.distributed.initialize()` finds its peers itself;
 elsewhere pass --coordinator_address, --num_processes and --process_id on every process.
 """
@@ -34,12 +35,13 @@ def _multi_host_environment() -> bool:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-  """The errors that mean "fix your input" and are reported in one line."""
-  from receding_jax.training.checkpointing import DamagedCheckpointError
-  from receding_jax.training.config import ConfigError
+  """The errors that mean "fix your input" and are reported in one line: `InputError` (a config, a
+  checkpoint, the data), a workdir in use, a file in the way or missing. Anything else is a bug and keeps
+  its traceback."""
+  from receding_jax.errors import InputError
   from receding_jax.training.workdir_files import WorkdirLockedError
 
-  return (ConfigError, WorkdirLockedError, DamagedCheckpointError, FileExistsError)
+  return (InputError, WorkdirLockedError, FileExistsError, FileNotFoundError)
 
 
 def main(argv: list[str]) -> None:
@@ -61,17 +63,19 @@ def main(argv: list[str]) -> None:
     experiment.run(_CONFIG.value, _WORKDIR.value, skip_damaged_checkpoints=_SKIP_DAMAGED.value)
   except _user_errors() as e:
     _exit_with_error(e)
+  except KeyboardInterrupt:  # The workdir's lock and files were released on the way out.
+    _exit_with_error("interrupted; rerun the same command to resume (finished epochs and phases are kept)", 130)
 
 
-def _exit_with_error(error: BaseException) -> None:
-  """Prints ``error: ...`` as the last line and leaves at once with status 2. `os._exit`, not `sys.exit`:
+def _exit_with_error(error: BaseException | str, status: int = 2) -> None:
+  """Prints ``error: ...`` as the last line and leaves at once with `status`. `os._exit`, not `sys.exit`:
   reads that a failed checkpoint restore left running in orbax's threads would otherwise report their
   own failure (a multi-line ValueError) after this line, at interpreter shutdown. Locks and files were
   already released by the `with` blocks the error passed through."""
   sys.stdout.flush()
   sys.stderr.flush()
   print(f"error: {error}", file=sys.stderr, flush=True)
-  os._exit(2)
+  os._exit(status)
 
 
 def run() -> None:

@@ -23,7 +23,7 @@ from receding_jax.norm import (
   update_running_average,
 )
 
-#: Logits ~ Normal(0, 1), as the Linen module (METHOD.md section 4).
+#: Logits ~ Normal(0, 1), as the Linen module (docs/method.md section 4).
 DEFAULT_LOGIT_INIT = nnx.initializers.normal(stddev=1.0)
 
 

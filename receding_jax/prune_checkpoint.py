@@ -3,13 +3,13 @@
     python -m receding_jax.prune_checkpoint --checkpoint_dir=RUN/checkpoints --output_dir=RUN/pruned50 \\
         --ratio=0.5 [--scope=global] [--min_channels=3] [--step=N]
 
-Instead of --ratio: --flop_reduction=0.7 or --threshold=0.01. A model outside the zoo is named by its
+Instead of --ratio: --mac_reduction=0.7 or --threshold=0.01. A model outside the zoo is named by its
 factory: --model=my_package.nets:make_net (a function returning the Linen module; give
 --input_shape=32,32,3 unless the module has an input_shape attribute). --prune_streams also prunes residual
 streams. The output holds step 0 with the narrow model's params and batch_stats and a model spec with the
 narrowed widths by module path, so it restores and evaluates with `checkpointing.restore` +
 `training.model_specs.build_model` without the original. Prints the
-parameter/FLOP table and writes it to OUTPUT_DIR/pruning_report.json. Only parses flags: the work is
+parameter/MAC table and writes it to OUTPUT_DIR/pruning_report.json. Only parses flags: the work is
 `receding_jax.training.pruned_checkpoint.prune_checkpoint`.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 
 from receding_jax import compile_clock, pruning
+from receding_jax.errors import InputError
 from receding_jax.training import console
 from receding_jax.training.pruned_checkpoint import format_report, prune_checkpoint
 
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--step", type=int, default=None)
   criterion = parser.add_mutually_exclusive_group(required=True)
   criterion.add_argument("--ratio", type=float)
-  criterion.add_argument("--flop_reduction", type=float)
+  criterion.add_argument("--mac_reduction", "--flop_reduction", dest="mac_reduction", type=float,
+                         help="share of multiply-accumulates to remove (--flop_reduction: its old name)")
   criterion.add_argument("--threshold", type=float)
   parser.add_argument("--scope", choices=pruning.SCOPES, default="global")
   parser.add_argument("--min_channels", type=int, default=3)
@@ -54,11 +56,11 @@ def main(argv: list[str] | None = None) -> None:
     with compile_clock.Clock() as clock:
       report = prune_checkpoint(
           args.checkpoint_dir, args.output_dir, step=args.step, ratio=args.ratio, scope=args.scope,
-          min_channels=args.min_channels, flop_reduction=args.flop_reduction, threshold=args.threshold,
+          min_channels=args.min_channels, mac_reduction=args.mac_reduction, threshold=args.threshold,
           channel_multiple=args.channel_multiple, prune_streams=args.prune_streams, model_factory=args.model,
           input_shape=_shape(args.input_shape),
       )
-  except (FileExistsError, FileNotFoundError, ValueError) as e:  # Bad input or a damaged checkpoint: one line.
+  except (InputError, FileExistsError, FileNotFoundError) as e:  # Bad input, a damaged checkpoint: one line.
     parser.exit(2, f"error: {e}\n")
   print(format_report(report))
   print(f"widths: {report['widths_before']} -> {report['widths_after']}")

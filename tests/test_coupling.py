@@ -268,6 +268,28 @@ def test_a_registered_rule_makes_an_unknown_primitive_prunable():
     pruning.register_rule("tanh", rules.elementwise)
 
 
+def test_rules_given_to_one_call_neither_change_the_defaults_nor_reach_another_call():
+  from receding_jax.pruning import rules
+
+  def refuse(eqn, rel):
+    rel.fix_all([*eqn.invars, *eqn.outvars], "refused by this call's rule")
+
+  x = jnp.zeros((1, 4, 3))
+  model = nn.Sequential([nn.Dense(6), nn.tanh, jax.lax.bessel_i0e, nn.Dense(2)])  # bessel_i0e: no built-in rule.
+  variables = random_variables(model, x)
+  hidden = lambda **kw: next(g for g in pruning.trace(model, variables, x, **kw).groups if g.size == 6)
+  mine = {"bessel_i0e": rules.elementwise}
+  assert hidden(rules=mine).group.status == "prunable"
+  assert "refused by this call's rule" in hidden(rules={**mine, "tanh": refuse}).group.reasons
+  assert "primitive 'bessel_i0e' has no coupling rule" in hidden().group.reasons[0]  # The other call: defaults.
+  assert "bessel_i0e" not in rules.RULES and rules.RULES["tanh"] is rules.elementwise
+  keep = {hidden(rules=mine).name: np.arange(6) < 4}
+  _, narrow = pruning.prune_params(model, variables, masks=keep, inputs=x, rules=mine)
+  assert narrow["params"]["layers_0"]["kernel"].shape == (3, 4)
+  with pytest.raises(ValueError, match="cannot be removed"):
+    pruning.prune_params(model, variables, masks=keep, inputs=x)
+
+
 def test_masks_for_unknown_groups_or_of_the_wrong_size_are_refused_before_slicing():
   x = jnp.zeros((1, 8, 8, 3))
   model = SeparableNet()

@@ -1,7 +1,9 @@
 """The experiment pipeline: train -> prune -> fine-tune on the quickstart data, results, resumption, bad input."""
 
 import collections
+import hashlib
 import json
+import shutil
 import time
 
 import pytest
@@ -9,8 +11,8 @@ from test_train import QUICKSTART, load_config
 
 from receding_jax import compile_clock
 from receding_jax.compare import main
-from receding_jax.training import checkpointing, experiment
-from receding_jax.training.config import validate_config
+from receding_jax.training import checkpointing, experiment, plots
+from receding_jax.training.config import ConfigError, validate_config
 
 
 def small_pipeline_config():
@@ -76,7 +78,7 @@ def test_pipeline_writes_results_and_does_not_redo_finished_phases(pipeline_run)
   assert saved["ratios"].keys() == {"0.5"}
   entry = saved["ratios"]["0.5"]
   report = entry["pruned"]["report"]
-  assert report["params_after"] < report["params_before"] and report["flops_after"] < report["flops_before"]
+  assert report["params_after"] < report["params_before"] and report["macs_after"] < report["macs_before"]
   # Every network is evaluated on the held-out validation digits (choices) and the test digits (reported).
   assert entry["pruned"]["validation_count"] == 300 and entry["pruned"]["test_count"] == 297
   assert 0 <= entry["pruned"]["test_accuracy"] <= 1
@@ -122,6 +124,61 @@ def test_the_best_checkpoint_on_validation_is_the_one_pruned(pipeline_run):
   if trained["step"] != epochs[-1]["step"]:  # Its test accuracy was measured on that checkpoint.
     assert json.loads((workdir / "best_eval.json").read_text())["test_accuracy"] == trained["test_accuracy"]
   assert f"epoch {trained['epoch']} (step {trained['step']})" in (workdir / "results.md").read_text()
+
+
+def file_hashes(root) -> dict[str, str]:
+  return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+
+
+def test_a_finished_run_extended_with_a_ratio_trains_nothing_and_fine_tunes_only_the_new_one(pipeline_run, tmp_path):
+  source, results = pipeline_run
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  kept = {d: file_hashes(workdir / d) for d in ("checkpoints", "pruned_0.5")}
+  epochs = plots.read_epochs(workdir)
+  extended = small_pipeline_config()
+  extended.prune.ratios = (0.5, 0.3)  # Only a later phase's key: the trained network is the same.
+  out = experiment.run(extended, str(workdir))
+  assert {d: file_hashes(workdir / d) for d in kept} == kept  # Nothing retrained, re-pruned or re-tuned.
+  assert plots.read_epochs(workdir) == epochs
+  assert out["trained"] == results["trained"] and out["ratios"]["0.5"]["pruned"] == results["ratios"]["0.5"]["pruned"]
+  tuned, tuned_before = out["ratios"]["0.5"]["finetuned"], results["ratios"]["0.5"]["finetuned"]
+  compared = (*experiment.ACCURACY_KEYS, "step", "finetune_seconds")
+  assert {k: tuned[k] for k in compared} == {k: tuned_before[k] for k in compared}
+  assert out["ratios"]["0.3"]["finetuned"]["epoch"] == 2
+  assert out["ratios"]["0.3"]["pruned"]["report"]["source_step"] == results["trained"]["step"]
+  attempt = [p["phase"] for p in out["phases"][len(results["phases"]):]]
+  assert attempt == ["train", "evaluate trained", "fine-tune 0.5", "prune 0.3", "evaluate pruned 0.3",
+                     "fine-tune 0.3"]
+
+
+def test_a_workdir_refuses_another_network_or_other_outputs_naming_each_key_before_writing(pipeline_run):
+  workdir, _ = pipeline_run
+  before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+  other = small_pipeline_config()
+  other.model.width_multiplier, other.optim.learning_rate = 0.5, 0.07
+  other.phases = ("prune",)  # Phases that leave out training check the trained network too.
+  with pytest.raises(ConfigError, match=r"model\.width_multiplier: 0\.25 \(recorded\) vs 0\.5 \(now\); "
+                                        r"optim\.learning_rate: 0\.05 \(recorded\) vs 0\.07 \(now\)"):
+    experiment.run(other, str(workdir))
+  rescoped = small_pipeline_config()
+  rescoped.prune.scope = "local"  # The ratio 0.5 was pruned globally.
+  with pytest.raises(ConfigError, match=r"pruned under another config: prune\.scope: 'global' \(recorded\) vs "
+                                        r"'local' \(now\)"):
+    experiment.run(rescoped, str(workdir))
+  longer = small_pipeline_config()
+  longer.finetune.num_epochs = 3
+  with pytest.raises(ConfigError, match=r"finetune\.num_epochs = 2, not 3"):
+    experiment.run(longer, str(workdir))
+  assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+
+
+def test_pruning_phases_need_a_trained_run_in_the_workdir(tmp_path):
+  c = small_pipeline_config()
+  c.phases = ("prune", "finetune")
+  with pytest.raises(ConfigError, match=r"holds no trained run .*add 'train'"):
+    experiment.run(c, str(tmp_path / "empty"))
+  assert not (tmp_path / "empty").exists()
 
 
 @pytest.mark.parametrize("key, value, match", [
@@ -194,6 +251,6 @@ def test_seeds_of_one_config_aggregate_to_mean_and_std(tmp_path):
   other = tmp_path / "other"
   fake_seed_run(other, 5, 0.5)
   (other / "config.json").write_text(json.dumps({"seed": 5, "optim": {"num_epochs": 4}}))
-  with pytest.raises(ValueError, match=r"differ in \['optim'\]"):
+  with pytest.raises(ValueError, match=r"differ in \['optim\.num_epochs'\]"):
     main(["--workdirs", f"{dirs[0]},{other}", "--labels", "rni,rni", "--output_dir", str(tmp_path / "cmp3")])
   assert not (tmp_path / "cmp3").exists()

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SHARED_CIFAR, TEST_XLA_FLAG
+from conftest import TEST_XLA_FLAG, real_cifar10_archive
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COMMAND = ["bash", str(REPO / "launch" / "gpu_demo.sh")]
@@ -36,10 +36,9 @@ def run_command(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-  if not SHARED_CIFAR.exists():
-    pytest.fail(f"the shared CIFAR-10 archive is missing: {SHARED_CIFAR}")
+  archive = real_cifar10_archive()
   out, work = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("work")
-  done = run_command(str(out), "--tiny", "--work-dir", str(work), "--tarball", str(SHARED_CIFAR), timeout=1200)
+  done = run_command(str(out), "--tiny", "--work-dir", str(work), "--tarball", str(archive), timeout=1200)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   return out, done.stdout
 

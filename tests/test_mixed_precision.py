@@ -162,6 +162,16 @@ def test_pruning_a_bf16_model_keeps_its_compute_dtype():
   assert jax.eval_shape(narrow_model.apply, narrow_variables, x).dtype == jnp.float32
 
 
+def test_the_pruning_check_holds_a_bf16_model_with_float32_logits_to_the_bf16_tolerance():
+  model, variables, _ = setup("resnet")
+  x = jax.ShapeDtypeStruct((1, 8, 8, 1), jnp.float32)
+  program = lambda m: jax.make_jaxpr(lambda v, x: m.apply(v, x))(variables, x)
+  bf16 = program(model)
+  assert [v.dtype for v in bf16.out_avals] == [jnp.float32]  # Logits in float32, convolutions in bf16.
+  assert pruning.checking.tolerance(bf16) == 3e-2
+  assert pruning.checking.tolerance(program(tiny("resnet", "float32"))) == 1e-4
+
+
 def test_a_bf16_resnet_learns_digits():
   model, variables, step = setup("resnet")
   (train_x, train_y), (test_x, test_y) = digits()

@@ -41,7 +41,7 @@ def test_bounded_models_have_no_norm_bias_and_one_logit_per_channel():
 @pytest.mark.parametrize("shape", [(3, 3, 8, 7), (1, 1, 16, 32), (3, 3, 3, 64), (64, 10)])
 def test_flat_drawn_initialisers_give_flax_initialisers_values(shape):
   """The zoo draws kernels flat and reshapes them (an N-D draw compiles ~10x slower on XLA:CPU): the values
-  must be those of the initialisers METHOD.md names, in and out of jit, element for element (the random bits
+  must be those of the initialisers docs/method.md names, in and out of jit, element for element (the random bits
   are identical; the float arithmetic after them may round apart in the last bit, as XLA compiles the flat
   and the N-D program differently at some optimisation levels)."""
   key = jax.random.key(3)
@@ -110,13 +110,13 @@ def test_model_spec_round_trip_and_bad_names():
 
 @pytest.mark.parametrize("size, stride", [(2, 1), (2, 2), (1, 1), (4, 2)])
 def test_cpu_friendly_conv_matches_flax_conv_values_and_gradients(size, stride):
-  """Small maps take the patches + matmul path on CPU; the parameters and results are nn.Conv's."""
+  """Small maps take the patches + matmul path when asked; the parameters and results are nn.Conv's."""
   import flax.linen as nn
 
   from receding_jax.models.layers import conv
 
   x = jax.random.normal(jax.random.key(0), (3, size, size, 6))
-  ours = conv(5, 3, stride, use_bias=True)
+  ours = conv(5, 3, stride, use_bias=True, cpu_friendly=True)
   plain = nn.Conv(5, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)))
   variables = ours.init(jax.random.key(1), x)
   assert jax.tree.structure(variables) == jax.tree.structure(plain.init(jax.random.key(1), x))
@@ -158,3 +158,46 @@ def test_the_residual_boundary_keeps_the_backward_from_recomputing_the_residual_
   # Without it, XLA:CPU fused the whole chain of earlier blocks into each kernel gradient's transpose: the
   # largest fusion grew with depth (25 operands at 9 blocks). With it, depth does not matter.
   assert residual_chain_fusion_sizes(8) == residual_chain_fusion_sizes(3)
+
+
+def formulation(model: nn.Module, train: bool) -> str:
+  """The jaxpr text `model` traces to on a batch of 2: its training loss' gradient, or its eval forward."""
+  x = jnp.ones((2, *model.input_shape))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  if not train:
+    return str(jax.make_jaxpr(lambda v: model.apply(v, x))(variables))
+  loss = lambda p, v: jnp.sum(model.apply({**v, "params": p}, x, train=True, mutable=["batch_stats"])[0])
+  return str(jax.make_jaxpr(jax.grad(loss))(variables["params"], variables))
+
+
+def test_the_traced_formulation_is_the_models_attribute_not_the_tracing_machine(monkeypatch):
+  # The CPU formulation: 2x2 maps convolved as patches + matmul (VGG's last block: 3 more dot_generals),
+  # and in training a custom-VJP fusion boundary after every residual block.
+  vgg, resnet = (get_model(name, 10, width_multiplier=0.125) for name in ("cifar_vgg16", "cifar_resnet20"))
+  cases = [(m.clone(cpu_friendly=cpu), train) for m, train in ((vgg, False), (resnet, True)) for cpu in (False, True)]
+  on_cpu = [formulation(m, train) for m, train in cases]
+  plain_vgg, cpu_vgg, plain_resnet, cpu_resnet = on_cpu
+  assert plain_vgg.count("dot_general") == 1 and cpu_vgg.count("dot_general") == 4
+  assert "custom_vjp" not in plain_resnet and cpu_resnet.count("custom_vjp_call") == 9
+  assert not vgg.cpu_friendly and not resnet.cpu_friendly  # A library user's model is the portable one.
+  for backend in ("gpu", "tpu"):  # Traced on a host whose default backend is an accelerator: the same.
+    monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+    assert [formulation(m, train) for m, train in cases] == on_cpu
+
+
+def test_the_trainer_chooses_the_cpu_formulation_on_cpu_and_pruning_keeps_it():
+  from receding_jax.models import for_platform
+  from receding_jax.training import steps
+  from receding_jax.training.config import paper_config
+
+  model = get_model("cifar_resnet20", 10, width_multiplier=0.25)
+  narrow = pruning.narrow_linen(model, {"stage0_block0/conv1": {"features": 2}})  # As a pruned checkpoint's.
+  trainer = steps.make_trainer(paper_config("cifar10", "cifar_resnet20", "rni"), narrow, steps_per_epoch=10)
+  assert type(trainer.model) is type(narrow) and trainer.model.cpu_friendly  # The mesh here is a CPU's.
+  assert "custom_vjp_call" in formulation(trainer.model, train=True)
+  state = trainer.init()  # The CPU-friendly narrow model initialises (and applies) at the narrow widths.
+  assert state["params"]["stage0_block0"]["conv1"]["kernel"].shape == (3, 3, 4, 2)
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  np.testing.assert_allclose(trainer.model.apply(variables, x), narrow.apply(variables, x), rtol=1e-5, atol=1e-5)
+  assert for_platform(trainer.model, "gpu") == narrow and for_platform(model, "cpu") == model.clone(cpu_friendly=True)

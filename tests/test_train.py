@@ -36,11 +36,11 @@ def load_config(path: pathlib.Path):
   return module.get_config()
 
 
-def run_main(workdir, *flags, devices=1, check=True, extra_env=None, wait=True):
-  """Runs `python -m receding_jax.main` on the quickstart config in a fresh interpreter."""
+def run_main(workdir, *flags, devices=1, check=True, extra_env=None, wait=True, config=QUICKSTART):
+  """Runs `python -m receding_jax.main` on `config` (default the quickstart) in a fresh interpreter."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", **(extra_env or {})}
   env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-  cmd = [sys.executable, "-m", "receding_jax.main", f"--config={QUICKSTART}", f"--workdir={workdir}", *flags]
+  cmd = [sys.executable, "-m", "receding_jax.main", f"--config={config}", f"--workdir={workdir}", *flags]
   if not wait:
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -164,6 +164,34 @@ def test_command_line_refuses_unknown_keys_and_bad_values_in_one_line_before_cre
     assert not (tmp_path / "run").exists()
 
 
+def test_command_line_reports_missing_data_and_a_workdir_without_training_in_one_line_before_writing(tmp_path):
+  folder_config = REPO / "configs" / "cifar10_folder.py"
+  for config, flags, line in [
+      (folder_config, [f"--config.dataset.folder={tmp_path / 'nowhere'}"],
+       f"error: dataset.folder = '{tmp_path / 'nowhere'}' has no images of the split(s) ['train', 'test']"),
+      (QUICKSTART, ["--config.phases=('prune',)"], f"error: workdir {tmp_path / 'run'} holds no trained run"),
+  ]:
+    result = run_main(tmp_path / "run", *flags, check=False, config=config)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(line), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_ends_a_run_in_one_line_saying_how_to_resume_and_frees_the_workdir(tmp_path):
+  proc = run_main(tmp_path / "run", *TINY, "--config.optim.num_epochs=50", wait=False)
+  deadline = time.time() + 300
+  while time.time() < deadline and not list((tmp_path / "run").glob("metrics.jsonl")):  # Training has started.
+    assert proc.poll() is None, proc.stdout.read()
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 130, out[-3000:]
+  assert out.strip().splitlines()[-1] == ("error: interrupted; rerun the same command to resume (finished epochs "
+                                          "and phases are kept)")
+  assert "Traceback" not in out and not (tmp_path / "run" / "lock").exists()
+
+
 def test_optimizer_follows_the_recipe():
   """Bounded norms: 10x lr, no decay; conv/dense: coupled decay; the penalty goes through momentum."""
   c = default_config()
@@ -192,8 +220,11 @@ def test_a_live_run_holds_its_workdir_and_resume_after_kill_ends_with_the_same_p
     assert proc.poll() is None, proc.stdout.read()
     time.sleep(0.05)
   # A second run on the live workdir is refused, naming the holder, before it touches anything.
+  same = load_config(QUICKSTART)  # The live run's config (TINY): another one would be refused for that.
+  same.model.width_multiplier, same.data.steps_per_dispatch, same.phases = 0.25, 6, ("train",)
+  same.optim.num_epochs = 5
   with pytest.raises(WorkdirLockedError, match=rf"in use by process {proc.pid} on host {socket.gethostname()}"):
-    experiment.run(load_config(QUICKSTART), str(tmp_path / "killed"))
+    experiment.run(same, str(tmp_path / "killed"))
   checkpoints = tmp_path / "killed" / "checkpoints"
   while time.time() < deadline and not (checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())):
     assert proc.poll() is None, proc.stdout.read()
@@ -346,7 +377,7 @@ def test_a_short_run_on_the_shared_cifar10_folder_learns(tmp_path, cifar10_folde
 
 
 def test_strength_relative_to_the_paper_keeps_the_integrated_push():
-  """METHOD.md section 8: 15 epochs at batch 128 have ~21x less learning-rate sum than the paper's run."""
+  """docs/method.md section 8: 15 epochs at batch 128 have ~21x less learning-rate sum than the paper's run."""
   c = paper_config_for_test(relative=True)
   c.optim.batch_size, c.optim.num_epochs = 128, 15
   steps = 50_000 // 128

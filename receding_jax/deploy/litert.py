@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from receding_jax.errors import InputError
+
 #: Post-training variants: weights stored in float16, or int8 with dynamic-range activations.
 QUANTIZATIONS = ("float16", "int8")
 INSTALL_HINT = "pip install -e '.[export]' (TensorFlow and ai-edge-litert)"
@@ -40,7 +42,7 @@ def require_export_tools() -> None:
 def to_tflite(infer: Callable[[Any], Any], input_shape: Sequence[int], quantization: str | None = None) -> bytes:
   """The TFLite flatbuffer of `infer` for float32 inputs of `input_shape` (batch included)."""
   if quantization not in (None, *QUANTIZATIONS):
-    raise ValueError(f"unknown quantization {quantization!r}; choose from {QUANTIZATIONS}")
+    raise InputError(f"unknown quantization {quantization!r}; choose from {QUANTIZATIONS}")
   tf = _require("tensorflow")
   jax2tf = _require("jax.experimental.jax2tf")
   converted = jax2tf.convert(infer, with_gradient=False, native_serialization_platforms=("cpu",))

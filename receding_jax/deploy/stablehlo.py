@@ -26,7 +26,8 @@ def export_stablehlo(infer: Callable[[jax.Array], jax.Array], example_shape: Seq
   return bytes(exported.serialize())
 
 
-def run_stablehlo(serialized: bytes, inputs: np.ndarray) -> np.ndarray:
-  """Outputs of a serialized module on `inputs` (any batch size), run by JAX on the default device."""
+def run_stablehlo(serialized: bytes, inputs: np.ndarray, device: jax.Device | None = None) -> np.ndarray:
+  """Outputs of a serialized module on `inputs` (any batch size), run by JAX on `device` (None: the default
+  device)."""
   exported = jax.export.deserialize(bytearray(serialized))
-  return np.asarray(exported.call(jnp.asarray(inputs)))
+  return np.asarray(exported.call(jax.device_put(jnp.asarray(inputs), device)))

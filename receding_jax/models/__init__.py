@@ -3,7 +3,9 @@
 A pruned network is the same class built with narrower widths, so checkpoints of pruned models restore
 into `get_model(name, ..., widths=...)` / `inner_widths=...` without any other change. Every model
 computes in its `compute_dtype` ('float32' or 'bfloat16'), with float32 parameters, batch statistics
-and logits either way.
+and logits either way. Every model traces the plain formulation unless its `cpu_friendly` attribute asks
+for the one XLA:CPU runs faster; the trainer decides that from the devices it runs on (`for_platform`),
+never the machine that traces the model.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from receding_jax.errors import InputError
 from receding_jax.models.layers import COMPUTE_DTYPES, NORM_KINDS, check_compute_dtype, check_norm_kind
 from receding_jax.models.resnet import BasicBlock, Bottleneck, CifarResNet, ResNet
 from receding_jax.models.vgg import VGG16_WIDTHS, CifarVGG, ImageNetVGG
@@ -70,15 +73,15 @@ def get_model(
       ResNets, ``batch_norm_scale_init``), or ``width_multiplier`` to scale the default widths.
   """
   if name not in MODELS:
-    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    raise InputError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
   check_norm_kind(norm)
   check_compute_dtype(compute_dtype)
   if not isinstance(num_classes, int) or num_classes < 1:
-    raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    raise InputError(f"num_classes must be a positive int, got {num_classes!r}")
   try:
     return MODELS[name](num_classes, norm, compute_dtype=compute_dtype, **overrides)
   except TypeError as e:
-    raise ValueError(f"bad overrides {sorted(overrides)} for model {name!r}: {e}") from None
+    raise InputError(f"bad overrides {sorted(overrides)} for model {name!r}: {e}") from None
 
 
 #: Keys of a model spec; all but 'name' and 'num_classes' may be missing ('compute_dtype' then 'float32').
@@ -91,11 +94,21 @@ def model_from_spec(spec: dict[str, Any]) -> nn.Module:
   Specs written before mixed precision have no 'compute_dtype' and rebuild float32 models."""
   unknown = sorted(set(spec) - set(SPEC_KEYS))
   if unknown or "name" not in spec or "num_classes" not in spec:
-    raise ValueError(f"a model spec needs 'name' and 'num_classes' (and may have 'norm', 'compute_dtype', "
+    raise InputError(f"a model spec needs 'name' and 'num_classes' (and may have 'norm', 'compute_dtype', "
                      f"'overrides'); got {spec}")
   overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.get("overrides", {}).items()}
   return get_model(spec["name"], spec["num_classes"], spec.get("norm", "bounded"),
                    spec.get("compute_dtype", "float32"), **overrides)
+
+
+def for_platform(model: nn.Module, platform: str) -> nn.Module:
+  """`model` in the formulation that runs fastest on `platform` (a device's ``platform``: 'cpu', 'gpu',
+  'tpu'): zoo models (and pruned ones) get ``cpu_friendly`` True on 'cpu' and False elsewhere; a model
+  without that attribute is returned as it is. Values and parameters are the same either way."""
+  if not isinstance(getattr(model, "cpu_friendly", None), bool):
+    return model
+  wanted = platform == "cpu"
+  return model if model.cpu_friendly == wanted else model.clone(cpu_friendly=wanted)
 
 
 __all__ = [
@@ -109,6 +122,7 @@ __all__ = [
     "CifarVGG",
     "ImageNetVGG",
     "ResNet",
+    "for_platform",
     "get_model",
     "model_from_spec",
 ]

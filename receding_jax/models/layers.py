@@ -34,7 +34,7 @@ def flat_normal(variance: Callable[[tuple[int, ...]], float]) -> nn.initializers
   return init
 
 
-#: Conv kernels ~ Normal(0, sqrt(2 / (k * k * out_channels))) (He, fan-out), METHOD.md section 4: the values
+#: Conv kernels ~ Normal(0, sqrt(2 / (k * k * out_channels))) (He, fan-out), docs/method.md section 4: the values
 #: of ``nn.initializers.variance_scaling(2.0, "fan_out", "normal")``, drawn flat (`flat_normal`).
 conv_kernel_init = flat_normal(lambda shape: 2.0 / (math.prod(shape[:-2]) * shape[-1]))
 #: Dense kernels ~ Normal(0, 0.01) (the values of ``nn.initializers.normal(0.01)``), biases 0.
@@ -86,18 +86,19 @@ def make_norm(
   )
 
 
-def residual_boundary(x: jax.Array, train: bool) -> jax.Array:
-  """`x` (a residual block's output) unchanged; in training on CPU, also a boundary XLA does not fuse across.
+def residual_boundary(x: jax.Array, enabled: bool) -> jax.Array:
+  """`x` (a residual block's output) unchanged; when `enabled`, also a boundary XLA does not fuse across.
 
   Why: the backward of the next convolution transposes `x` for its kernel gradient, and XLA:CPU fuses
   into that transpose the elementwise chain that produced `x` (norm, add, ReLU, block after block back to
   the stage's first convolution), recomputing the whole residual stream once per layer. In ResNet-56's CPU
   step those transposes took about 45% of the time (profile in the README). An identity gather ends the
   chain (XLA keeps it as a separate copy of `x`); its custom VJP passes the gradient straight through, so
-  values and gradients are exactly those without it. Only in training on CPU (`jax.default_backend()`),
-  where the backward exists and the problem was measured; reverse mode only there, like the default norm.
+  values and gradients are exactly those without it. The zoo models enable it in training when their
+  `cpu_friendly` attribute is set (the trainer sets it on CPU, where the problem was measured), never from
+  the machine that traces them.
   """
-  if not train or jax.default_backend() != "cpu":
+  if not enabled:
     return x
   return _identity_gather(x)
 
@@ -134,18 +135,17 @@ def cpu_friendly_conv(
     lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
     feature_group_count=1, precision=None, **kwargs,
 ):
-  """`jax.lax.conv_general_dilated`, except on CPU for small feature maps, where it computes the same
-  convolution as image patches times the kernel matrix.
+  """`jax.lax.conv_general_dilated`, except for small feature maps, where it computes the same
+  convolution as image patches times the kernel matrix: the CPU formulation (`conv`'s ``cpu_friendly``).
 
   XLA:CPU runs a 3x3 convolution on a 2x2 map at ~2 GFLOP/s (VGG-16's last block on CIFAR: ~0.5 s
   forward at batch 64), while patches + matmul runs at matmul speed. The parameters are untouched
-  (kernel [kh, kw, in, out]), so checkpoints stay those of `flax.linen.Conv`; on GPU/TPU, and for
-  larger maps, the native convolution runs.
+  (kernel [kh, kw, in, out]), so checkpoints stay those of `flax.linen.Conv`; for larger maps the
+  native convolution runs. Which formulation is traced depends on the shapes only, not on the machine.
   """
   positions = lhs.shape[1] * lhs.shape[2] if lhs.ndim == 4 else None
   if (
-      jax.default_backend() != "cpu"
-      or positions is None
+      positions is None
       or positions > SMALL_MAP_POSITIONS
       or rhs.shape[0] * rhs.shape[1] == 1
       or kwargs
@@ -170,9 +170,11 @@ def conv(
     use_bias: bool = False,
     name: str | None = None,
     compute_dtype: str = "float32",
+    cpu_friendly: bool = False,
 ) -> nn.Conv:
   """A square convolution with PyTorch-style symmetric padding k // 2 and the method's init (a plain
-  `flax.linen.Conv`; on CPU, small maps take `cpu_friendly_conv`'s patches + matmul path).
+  `flax.linen.Conv`; with `cpu_friendly`, small maps take `cpu_friendly_conv`'s patches + matmul path,
+  which XLA:CPU runs faster; the parameters are the same either way).
 
   Inputs and the float32 kernel are cast to `compute_dtype`, which the output has.
   """
@@ -184,7 +186,7 @@ def conv(
       padding=((pad, pad), (pad, pad)),
       use_bias=use_bias,
       kernel_init=conv_kernel_init,
-      conv_general_dilated=cpu_friendly_conv,
+      conv_general_dilated=cpu_friendly_conv if cpu_friendly else None,
       dtype=compute_dtype_of(compute_dtype),
       param_dtype=jnp.float32,
       name=name,

@@ -1,6 +1,6 @@
 """ResNets: the CIFAR family with basic blocks and option-A shortcuts, and ImageNet ResNet-50.
 
-Only the channels inside a residual block are prunable (METHOD.md section 6), so every block's inner
+Only the channels inside a residual block are prunable (docs/method.md section 6), so every block's inner
 widths are explicit attributes and the residual stream keeps its width.
 """
 
@@ -28,7 +28,8 @@ def option_a_shortcut(x: jax.Array, out_channels: int, stride: int) -> jax.Array
 class BasicBlock(nn.Module):
   """conv3x3(inner) -> norm1 -> ReLU -> conv3x3(out) -> norm2, plus option-A shortcut, then ReLU.
 
-  Computes in `compute_dtype` ('float32' or 'bfloat16'; see `layers.make_norm` for the norms).
+  Computes in `compute_dtype` ('float32' or 'bfloat16'; see `layers.make_norm` for the norms);
+  `cpu_friendly` as in `CifarResNet`.
   """
 
   inner: int
@@ -37,15 +38,17 @@ class BasicBlock(nn.Module):
   norm: NormKind
   batch_norm_scale_init: float = 1.0
   compute_dtype: str = "float32"
+  cpu_friendly: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    dt = self.compute_dtype
-    y = conv(self.inner, 3, self.stride, name="conv1", compute_dtype=dt)(x)
+    dt, cpu = self.compute_dtype, self.cpu_friendly
+    y = conv(self.inner, 3, self.stride, name="conv1", compute_dtype=dt, cpu_friendly=cpu)(x)
     y = nn.relu(make_norm(self.norm, train, "norm1", self.batch_norm_scale_init, dt)(y))
-    y = conv(self.out, 3, name="conv2", compute_dtype=dt)(y)
+    y = conv(self.out, 3, name="conv2", compute_dtype=dt, cpu_friendly=cpu)(y)
     y = make_norm(self.norm, train, "norm2", self.batch_norm_scale_init, dt)(y)
-    return residual_boundary(nn.relu(y + option_a_shortcut(x, self.out, self.stride).astype(y.dtype)), train)
+    y = nn.relu(y + option_a_shortcut(x, self.out, self.stride).astype(y.dtype))
+    return residual_boundary(y, train and cpu)
 
 
 class CifarResNet(nn.Module):
@@ -61,6 +64,10 @@ class CifarResNet(nn.Module):
       narrows these.
     compute_dtype: 'float32' or 'bfloat16': the dtype convolutions, dense layer and norm outputs compute
       in; parameters, batch statistics and the returned logits are float32 either way.
+    cpu_friendly: trace the formulation XLA:CPU runs faster (small maps convolved as patches + matmul, and
+      in training a fusion boundary after each block: `layers.cpu_friendly_conv`, `layers.residual_boundary`):
+      same parameters and, to rounding, the same values and gradients. The trainer sets it on CPU
+      (`models.for_platform`); the default is the plain formulation, whatever machine traces it.
   """
 
   blocks_per_stage: int = 9
@@ -71,6 +78,7 @@ class CifarResNet(nn.Module):
   batch_norm_scale_init: float = 1.0
   input_shape: Sequence[int] = (32, 32, 3)  # [height, width, channels] of one input (FLOP counts, checks).
   compute_dtype: str = "float32"
+  cpu_friendly: bool = False
 
   @property
   def widths(self) -> tuple[int, ...]:
@@ -82,13 +90,13 @@ class CifarResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """[batch, 32, 32, 3] images -> [batch, num_classes] float32 logits."""
-    inner, dt = iter(self.widths), self.compute_dtype
-    x = conv(self.stage_widths[0], 3, name="stem_conv", compute_dtype=dt)(x)
+    inner, dt, cpu = iter(self.widths), self.compute_dtype, self.cpu_friendly
+    x = conv(self.stage_widths[0], 3, name="stem_conv", compute_dtype=dt, cpu_friendly=cpu)(x)
     x = make_norm(self.norm, train, "stem_norm", self.batch_norm_scale_init, dt)(x)
     for s, width in enumerate(self.stage_widths):
       for b in range(self.blocks_per_stage):
         stride = 2 if s > 0 and b == 0 else 1
-        block = BasicBlock(next(inner), width, stride, self.norm, self.batch_norm_scale_init, dt,
+        block = BasicBlock(next(inner), width, stride, self.norm, self.batch_norm_scale_init, dt, cpu,
                            name=f"stage{s}_block{b}")
         x = block(x, train)
     logits = dense(self.num_classes, name="classifier", compute_dtype=dt)(x.mean(axis=(1, 2)))
@@ -99,7 +107,8 @@ class Bottleneck(nn.Module):
   """conv1x1(inner1)-norm1-ReLU-conv3x3/stride(inner2)-norm2-ReLU-conv1x1(out)-norm3, + shortcut, ReLU.
 
   The shortcut is a strided conv1x1 + norm ('proj_conv', 'proj_norm') when the shape changes
-  (torchvision's ResNet v1.5: the stride sits on the 3x3 convolution). Computes in `compute_dtype`.
+  (torchvision's ResNet v1.5: the stride sits on the 3x3 convolution). Computes in `compute_dtype`;
+  `cpu_friendly` as in `CifarResNet`.
   """
 
   inner1: int
@@ -109,20 +118,24 @@ class Bottleneck(nn.Module):
   norm: NormKind
   batch_norm_scale_init: float = 1.0
   compute_dtype: str = "float32"
+  cpu_friendly: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    dt = self.compute_dtype
+    dt, cpu = self.compute_dtype, self.cpu_friendly
 
     def norm(name):
       return make_norm(self.norm, train, name, self.batch_norm_scale_init, dt)
 
-    y = nn.relu(norm("norm1")(conv(self.inner1, 1, name="conv1", compute_dtype=dt)(x)))
-    y = nn.relu(norm("norm2")(conv(self.inner2, 3, self.stride, name="conv2", compute_dtype=dt)(y)))
-    y = norm("norm3")(conv(self.out, 1, name="conv3", compute_dtype=dt)(y))
+    def conv_(features, kernel, stride=1, *, name):
+      return conv(features, kernel, stride, name=name, compute_dtype=dt, cpu_friendly=cpu)
+
+    y = nn.relu(norm("norm1")(conv_(self.inner1, 1, name="conv1")(x)))
+    y = nn.relu(norm("norm2")(conv_(self.inner2, 3, self.stride, name="conv2")(y)))
+    y = norm("norm3")(conv_(self.out, 1, name="conv3")(y))
     if self.stride != 1 or x.shape[-1] != self.out:
-      x = norm("proj_norm")(conv(self.out, 1, self.stride, name="proj_conv", compute_dtype=dt)(x))
-    return residual_boundary(nn.relu(y + x.astype(y.dtype)), train)
+      x = norm("proj_norm")(conv_(self.out, 1, self.stride, name="proj_conv")(x))
+    return residual_boundary(nn.relu(y + x.astype(y.dtype)), train and cpu)
 
 
 class ResNet(nn.Module):
@@ -135,6 +148,7 @@ class ResNet(nn.Module):
     stage_widths: inner width of each stage before pruning; the block output is 4x that.
     inner_widths: (inner1, inner2) of every block, flattened stage-major (None: stage widths).
     compute_dtype: 'float32' or 'bfloat16' (as in `CifarResNet`); the logits are float32 either way.
+    cpu_friendly: the formulation XLA:CPU runs faster, as in `CifarResNet`.
   """
 
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
@@ -146,6 +160,7 @@ class ResNet(nn.Module):
   batch_norm_scale_init: float = 1.0
   input_shape: Sequence[int] = (224, 224, 3)  # [height, width, channels] of one input (FLOP counts, checks).
   compute_dtype: str = "float32"
+  cpu_friendly: bool = False
 
   @property
   def widths(self) -> tuple[int, ...]:
@@ -157,8 +172,8 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """[batch, 224, 224, 3] images -> [batch, num_classes] float32 logits."""
-    inner, dt = iter(self.widths), self.compute_dtype
-    x = conv(self.stage_widths[0], 7, 2, name="stem_conv", compute_dtype=dt)(x)
+    inner, dt, cpu = iter(self.widths), self.compute_dtype, self.cpu_friendly
+    x = conv(self.stage_widths[0], 7, 2, name="stem_conv", compute_dtype=dt, cpu_friendly=cpu)(x)
     x = nn.relu(make_norm(self.norm, train, "stem_norm", self.batch_norm_scale_init, dt)(x))
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     for s, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths, strict=True)):
@@ -166,6 +181,6 @@ class ResNet(nn.Module):
         stride = 2 if s > 0 and b == 0 else 1
         x = Bottleneck(
             next(inner), next(inner), width * self.expansion, stride, self.norm, self.batch_norm_scale_init, dt,
-            name=f"stage{s}_block{b}",
+            cpu, name=f"stage{s}_block{b}",
         )(x, train)
     return dense(self.num_classes, name="classifier", compute_dtype=dt)(x.mean(axis=(1, 2))).astype(jnp.float32)

@@ -20,14 +20,14 @@ site; any primitive without a rule fixes what it touches.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
 from receding_jax.pruning.relations import Relations
-from receding_jax.pruning.rules import RULES, reshape_blocks
+from receding_jax.pruning.rules import Rule, reshape_blocks, rules_with
 from receding_jax.selection import path_names
 
 LeafKey = tuple[str, ...]
@@ -112,7 +112,7 @@ def _fix_constants(rel: Relations, constvars: Sequence[Any]) -> None:
 KIND_ORDER = {"const": 0, "param": 1, "data": 2}
 
 
-def _walk(jaxpr, rel: Relations, scopes: list[int]) -> None:
+def _walk(jaxpr, rel: Relations, scopes: list[int], rules: Mapping[str, Rule]) -> None:
   for eqn in jaxpr.eqns:
     rel.equation += 1
     kind = max((rel.kind(v) for v in eqn.invars), key=KIND_ORDER.get, default="const")
@@ -129,15 +129,15 @@ def _walk(jaxpr, rel: Relations, scopes: list[int]) -> None:
       for outer, var, k in zip(outer_in, body.invars, kinds, strict=True):
         rel.set_kind(var, k)
         _tie_vars(rel, outer, rel.axes(var))
-      _walk(body, rel, scopes)
+      _walk(body, rel, scopes, rules)
       for outer, var in zip(outer_out, body.outvars, strict=True):
         _tie_vars(rel, outer, rel.axes(var))
       rel.scope = saved
       continue
-    rule = RULES.get(eqn.primitive.name)
+    rule = rules.get(eqn.primitive.name)
     if rule is None:
       rel.fix_all([*eqn.invars, *eqn.outvars], f"primitive '{eqn.primitive.name}' has no coupling rule "
-                  "(receding_jax.pruning.register_rule adds one)")
+                  "(rules={name: rule} or receding_jax.pruning.register_rule adds one)")
     else:
       rule(eqn, rel)
 
@@ -360,7 +360,7 @@ def _build(rel: Relations, param_nodes: list[tuple[LeafKey, list[int]]], leaves:
   return Coupling(tuple(groups), layouts, tuple(macs), leaves)
 
 
-def analyze(fn: Callable[..., Any], variables: Any, *inputs: Any) -> Coupling:
+def analyze(fn: Callable[..., Any], variables: Any, *inputs: Any, rules: Mapping[str, Rule] | None = None) -> Coupling:
   """Finds the coupled channels of ``fn(variables, *inputs)``.
 
   Args:
@@ -368,10 +368,12 @@ def analyze(fn: Callable[..., Any], variables: Any, *inputs: Any) -> Coupling:
       returning the predictions (every output axis is fixed: anchor only what the model predicts).
     variables: the variables, or their `jax.ShapeDtypeStruct`s (nothing is computed).
     *inputs: example inputs or their `jax.ShapeDtypeStruct`s.
+    rules: {primitive name: rule} for this call only, added to (or replacing) the built-in `rules.RULES`.
 
   Returns:
     A `Coupling`: groups of parameter axes, each 'prunable', 'approximate' or 'unprunable' with reasons.
   """
+  table = rules_with(rules)  # Bad rules fail before the trace.
   closed = jax.make_jaxpr(fn)(variables, *inputs)
   jaxpr = closed.jaxpr
   leaves = tuple(path_names(p) for p, _ in jax.tree_util.tree_leaves_with_path(variables))
@@ -384,7 +386,7 @@ def analyze(fn: Callable[..., Any], variables: Any, *inputs: Any) -> Coupling:
     rel.set_kind(var, "data")
     for node in rel.axes(var) or ():
       rel.fix(node, "an axis of the model's input")
-  _walk(jaxpr, rel, [1])
+  _walk(jaxpr, rel, [1], table)
   for var in jaxpr.outvars:
     for node in rel.axes(var) or ():
       rel.fix(node, "an axis of the model's output")

@@ -1,4 +1,4 @@
-"""Choosing channels: groups scored by their norms, and masks by ratio, threshold or FLOP target.
+"""Choosing channels: groups scored by their norms, and masks by ratio, threshold or MAC target.
 
 A group is scored by the norms whose scale lies on it: sigmoid(logit) of a bounded norm, |gamma| of a
 BatchNorm (`importances`). Where several norms cover one channel (a residual stream: every block's last
@@ -16,11 +16,13 @@ adds groups that a reduction runs over (LayerNorm over channels).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
+from receding_jax.errors import InputError
 from receding_jax.pruning.coupling import Coupling, Factor, Group
 
 Masks = dict[str, np.ndarray]
@@ -106,21 +108,41 @@ class KeepRule:
 
 
 def threshold_masks(groups: list[ScoredGroup], thresholds: Mapping[str, float], rule: KeepRule) -> Masks:
+  """Keep a channel iff its importance is above its group's threshold (one at the threshold goes)."""
   return {g.name: rule.apply(g.importance, g.importance > thresholds[g.name]) for g in groups}
 
 
+def removal_count(ratio: float, candidates: int) -> int:
+  """How many of `candidates` removable channels a `ratio` prune removes: as many as the official rule
+  (keep iff importance > the ratio-quantile, linear interpolation) removes from distinct importances,
+  floor(ratio * (candidates - 1)) + 1, and none at ratio 0."""
+  if ratio <= 0.0 or candidates == 0:
+    return 0
+  return min(candidates, int(np.floor(ratio * (candidates - 1))) + 1)
+
+
+def _least_important(importances: list[np.ndarray], count: int) -> list[np.ndarray]:
+  """Removal masks (one per array) of the `count` least important channels of all `importances` together,
+  ties broken by a stable order (the earlier array, then the lower channel index); +inf never goes."""
+  flat = np.concatenate(importances)
+  removed = np.zeros(flat.size, bool)
+  removed[np.argsort(flat, kind="stable")[:count]] = True
+  return np.split(removed, np.cumsum([i.size for i in importances])[:-1])
+
+
 def ratio_masks(groups: list[ScoredGroup], ratio: float, scope: str, rule: KeepRule) -> Masks:
-  """Keep a channel iff its importance exceeds the `ratio`-quantile (of all selected groups' removable
-  channels, or of its own group's)."""
-  if ratio == 0.0 or not groups:
-    return {g.name: np.ones(g.size, bool) for g in groups}
-  finite = lambda g: g.importance[np.isfinite(g.importance)]
+  """Remove the `ratio` share (`removal_count`) of the removable channels, least important first: of all
+  selected groups together ('global') or of each group on its own ('local'). Channels tied at the cut are
+  split by a stable order, so ties never remove more (or fewer) than asked; `rule` may add some back."""
+  if not groups:
+    return {}
+  candidates = lambda g: int(np.isfinite(g.importance).sum())
   if scope == "global":
-    threshold = float(np.quantile(np.concatenate([finite(g) for g in groups]), ratio))
-    thresholds = {g.name: threshold for g in groups}
+    count = removal_count(ratio, sum(candidates(g) for g in groups))
+    removed = _least_important([g.importance for g in groups], count)
   else:
-    thresholds = {g.name: float(np.quantile(finite(g), ratio)) for g in groups}
-  return threshold_masks(groups, thresholds, rule)
+    removed = [_least_important([g.importance], removal_count(ratio, candidates(g)))[0] for g in groups]
+  return {g.name: rule.apply(g.importance, ~r) for g, r in zip(groups, removed, strict=True)}
 
 
 def _kept_share(f: Factor, keep: Mapping[int, np.ndarray]) -> float:
@@ -129,34 +151,41 @@ def _kept_share(f: Factor, keep: Mapping[int, np.ndarray]) -> float:
   return float(keep[f.group][f.offset:f.offset + f.size].sum()) / f.size
 
 
-def flop_model(coupling: Coupling) -> Callable[[Mapping[int, np.ndarray]], int]:
+def mac_model(coupling: Coupling) -> Callable[[Mapping[int, np.ndarray]], int]:
   """Exact multiply-accumulates of the pruned function for any {group index: keep mask}: every conv and
   dot product scales with the kept share of each channel factor it runs over."""
-  def flops(keep: Mapping[int, np.ndarray]) -> int:
+  def macs(keep: Mapping[int, np.ndarray]) -> int:
     total = 0.0
-    for macs, factors in coupling.macs:
+    for count, factors in coupling.macs:
       share = 1.0
       for f in factors:
         share *= _kept_share(f, keep)
-      total += macs * share
+      total += count * share
     return round(total)
-  return flops
+  return macs
 
 
-def flop_target_masks(
+def flop_model(coupling: Coupling) -> Callable[[Mapping[int, np.ndarray]], int]:
+  """Deprecated name of `mac_model` (it counts multiply-accumulates, not FLOPs)."""
+  warnings.warn("flop_model is deprecated: it counts multiply-accumulates; use mac_model", DeprecationWarning,
+                stacklevel=2)
+  return mac_model(coupling)
+
+
+def mac_target_masks(
     coupling: Coupling, groups: list[ScoredGroup], reduction: float, scope: str, rule: KeepRule
 ) -> Masks:
   """The smallest pruning ratio (bisection to 1e-4) whose masks cut MACs by at least `reduction`."""
-  flops = flop_model(coupling)
+  macs = mac_model(coupling)
   index = {g.name: g.group.index for g in groups}
-  count = lambda masks: flops({index[n]: m for n, m in masks.items()})
-  full = flops({})
+  count = lambda masks: macs({index[n]: m for n, m in masks.items()})
+  full = macs({})
   target = (1.0 - reduction) * full
   low, high = 0.0, 1.0 - 1e-9
   best = ratio_masks(groups, high, scope, rule)
   if count(best) > target:
-    raise ValueError(
-        f"a FLOP reduction of {reduction:g} is impossible with min_channels={rule.min_channels} and "
+    raise InputError(
+        f"a MAC reduction of {reduction:g} is impossible with min_channels={rule.min_channels} and "
         f"channel_multiple={rule.multiple}: at most {1 - count(best) / max(full, 1):.3f}"
     )
   while high - low > 1e-4:
@@ -171,31 +200,31 @@ def flop_target_masks(
 
 def check_ratio(name: str, value: Any) -> None:
   if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0.0 <= value < 1.0:
-    raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    raise InputError(f"{name} must be a number in [0, 1), got {value!r}")
 
 
 def choose(
-    coupling: Coupling, groups: list[ScoredGroup], *, ratio: float | None, flop_reduction: float | None,
+    coupling: Coupling, groups: list[ScoredGroup], *, ratio: float | None, mac_reduction: float | None,
     threshold: float | None, scope: str, min_channels: int, channel_multiple: int,
 ) -> Masks:
   """Masks {group name: bool [size]} for the `groups` a criterion prunes (exactly one criterion)."""
-  if sum(c is not None for c in (ratio, flop_reduction, threshold)) != 1:
-    raise ValueError(
-        "give exactly one of ratio, flop_reduction, threshold; got "
-        f"ratio={ratio!r}, flop_reduction={flop_reduction!r}, threshold={threshold!r}"
+  if sum(c is not None for c in (ratio, mac_reduction, threshold)) != 1:
+    raise InputError(
+        "give exactly one of ratio, mac_reduction, threshold; got "
+        f"ratio={ratio!r}, mac_reduction={mac_reduction!r}, threshold={threshold!r}"
     )
   if scope not in SCOPES:
-    raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    raise InputError(f"scope must be one of {SCOPES}, got {scope!r}")
   for name, value in (("min_channels", min_channels), ("channel_multiple", channel_multiple)):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+      raise InputError(f"{name} must be an int >= 1, got {value!r}")
   rule = KeepRule(min_channels, channel_multiple)
   if ratio is not None:
     check_ratio("ratio", ratio)
     return ratio_masks(groups, float(ratio), scope, rule)
-  if flop_reduction is not None:
-    check_ratio("flop_reduction", flop_reduction)
-    return flop_target_masks(coupling, groups, float(flop_reduction), scope, rule)
+  if mac_reduction is not None:
+    check_ratio("mac_reduction", mac_reduction)
+    return mac_target_masks(coupling, groups, float(mac_reduction), scope, rule)
   if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
-    raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+    raise InputError(f"threshold must be a finite number, got {threshold!r}")
   return threshold_masks(groups, {g.name: float(threshold) for g in groups}, rule)

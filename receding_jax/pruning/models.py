@@ -21,10 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
+from receding_jax.errors import InputError
 from receding_jax.importances import neuron_importances
 from receding_jax.pruning.coupling import Coupling, analyze
 from receding_jax.pruning.criteria import ScoredGroup, score_groups
 from receding_jax.pruning.rebuild import record_linen_layers
+from receding_jax.pruning.rules import Rule
 from receding_jax.selection import leaf_names, path_names
 
 EVAL_KWARGS = {"train": False, "training": False, "deterministic": True, "use_running_average": True}
@@ -58,14 +60,14 @@ def input_specs(model: Any, inputs: Any) -> tuple[jax.ShapeDtypeStruct, ...]:
   if inputs is None:
     shape = getattr(model, "input_shape", None)
     if shape is None:
-      raise ValueError(f"{type(model).__name__} has no input_shape attribute: pass inputs= (an example input "
+      raise InputError(f"{type(model).__name__} has no input_shape attribute: pass inputs= (an example input "
                        "or a jax.ShapeDtypeStruct, with its batch axis)")
     return (jax.ShapeDtypeStruct((1, *tuple(shape)), jnp.float32),)
   items = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
   out = []
   for item in items:
     if not hasattr(item, "shape") or not hasattr(item, "dtype"):
-      raise ValueError(f"inputs must be arrays or jax.ShapeDtypeStructs, got {type(item).__name__}")
+      raise InputError(f"inputs must be arrays or jax.ShapeDtypeStructs, got {type(item).__name__}")
     out.append(jax.ShapeDtypeStruct(tuple(item.shape), item.dtype))
   return tuple(out)
 
@@ -97,18 +99,18 @@ def check_linen_variables(model: nn.Module, variables: Any, expected: Mapping[st
   """`variables` (params, batch_stats) checked leaf by leaf against `expected`; ValueError names the first
   missing, extra or misshapen leaf."""
   if not isinstance(variables, Mapping) or "params" not in variables:
-    raise ValueError(f"Linen variables must be a dict with 'params', got {type(variables).__name__}")
+    raise InputError(f"Linen variables must be a dict with 'params', got {type(variables).__name__}")
   given = traverse_util.flatten_dict({k: v for k, v in dict(variables).items() if k in LINEN_COLLECTIONS})
   want = traverse_util.flatten_dict(dict(expected))
   name = type(model).__name__
   for key, spec in want.items():
     if key not in given:
-      raise ValueError(f"the variables lack {'/'.join(key)}, which {name} has")
+      raise InputError(f"the variables lack {'/'.join(key)}, which {name} has")
     if tuple(np.shape(given[key])) != tuple(spec.shape):
-      raise ValueError(f"{'/'.join(key)} has shape {tuple(np.shape(given[key]))}, {name} expects {spec.shape}")
+      raise InputError(f"{'/'.join(key)} has shape {tuple(np.shape(given[key]))}, {name} expects {spec.shape}")
   extra = sorted("/".join(k) for k in given if k not in want)
   if extra:
-    raise ValueError(f"the variables have leaves that {name} does not: {extra[:5]}")
+    raise InputError(f"the variables have leaves that {name} does not: {extra[:5]}")
   return traverse_util.unflatten_dict(given)
 
 
@@ -136,18 +138,19 @@ def _norm_importances(variables: Any, prefix: tuple[str, ...]) -> dict[str, tupl
   return out
 
 
-def trace(model: Any, variables: Any = None, inputs: Any = None,
-          apply_kwargs: Mapping[str, Any] | None = None) -> Traced:
-  """Analyses `model` (Linen with `variables`, or NNX) on `inputs`; see the module docstring."""
+def trace(model: Any, variables: Any = None, inputs: Any = None, apply_kwargs: Mapping[str, Any] | None = None,
+          rules: Mapping[str, Rule] | None = None) -> Traced:
+  """Analyses `model` (Linen with `variables`, or NNX) on `inputs`; see the module docstring. `rules`:
+  coupling rules for this call only ({primitive name: rule}, added to or replacing the built-in ones)."""
   specs = input_specs(model, inputs)
   if isinstance(model, nnx.Module):
     if variables is not None:
-      raise ValueError("an NNX model holds its variables: call with the model alone (variables=None)")
+      raise InputError("an NNX model holds its variables: call with the model alone (variables=None)")
     clone = nnx.clone(model)
     clone.eval()
     graphdef, state = nnx.split(clone)
     apply = lambda s, *x: nnx.merge(graphdef, s)(*x, **dict(apply_kwargs or {}))
-    coupling = analyze(apply, state, *specs)
+    coupling = analyze(apply, state, *specs, rules=rules)
     groups = score_groups(coupling, _norm_importances(state, ()))
     return Traced(model, "nnx", apply, state, specs, coupling, groups, {}, dict(apply_kwargs or {}))
   if not isinstance(model, nn.Module):
@@ -158,6 +161,6 @@ def trace(model: Any, variables: Any = None, inputs: Any = None,
   layers: dict[tuple[str, ...], nn.Module] = {}
   apply = _linen_apply(model, kwargs)
   with nn.intercept_methods(record_linen_layers(layers)):
-    coupling = analyze(apply, variables, *specs)
+    coupling = analyze(apply, variables, *specs, rules=rules)
   groups = score_groups(coupling, _norm_importances(variables, ("params",)))
   return Traced(model, "linen", apply, variables, specs, coupling, groups, layers, kwargs)

@@ -106,7 +106,7 @@ class Relations:
   def tie(self, a: Node, b: Node) -> None:
     """Axes `a` and `b` index the same channels in the same order (their sizes must be equal)."""
     if self.sizes[a] != self.sizes[b]:
-      raise ValueError(f"internal: tied axes of sizes {self.sizes[a]} and {self.sizes[b]}")
+      raise RuntimeError(f"internal: tied axes of sizes {self.sizes[a]} and {self.sizes[b]}")
     self.ties.append((a, b))
 
   def shift(self, a: Node, b: Node, offset: int, where: str) -> None:

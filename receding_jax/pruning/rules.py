@@ -1,9 +1,11 @@
 """How each primitive couples the channels of its operands and results: one rule per primitive.
 
 A rule is ``rule(eqn, rel)``: it reads one jaxpr equation and records relations between the axes of its
-inputs and outputs on `rel` (`relations.Relations`: tie, shift, compose, fix, approximate). Register a
-rule for another primitive with `register_rule(name, rule)`. A primitive without a rule fixes every axis
-it touches (nothing coupled through it can be pruned), naming itself as the reason.
+inputs and outputs on `rel` (`relations.Relations`: tie, shift, compose, fix, approximate). Give rules
+for one call with ``rules={name: rule}`` (`prune_params`, `channel_masks`, `trace`, `analyze`, ...): they
+add to or replace the built-in ones for that call only. `register_rule(name, rule)` adds one for every call
+in the process (`RULES`). A primitive without a rule fixes every axis it touches (nothing coupled through
+it can be pruned), naming itself as the reason.
 
 Documented rules (the exact coupling; "fix" = those channels are never removed):
 - elementwise ops (add, mul, max, exp, select_n, convert_element_type, ...): ties axis i of each operand
@@ -25,7 +27,7 @@ Documented rules (the exact coupling; "fix" = those channels are never removed):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -41,6 +43,16 @@ def register_rule(primitive: str, rule: Rule) -> None:
   if not isinstance(primitive, str) or not callable(rule):
     raise TypeError(f"register_rule needs a primitive name and a callable rule, got {primitive!r}, {rule!r}")
   RULES[primitive] = rule
+
+
+def rules_with(extra: Mapping[str, Rule] | None = None) -> dict[str, Rule]:
+  """The rules of one analysis: `RULES` with `extra` ({primitive name: rule}) added or replacing them, as a
+  new dict (`RULES` itself is never changed by a call)."""
+  extra = dict(extra or {})
+  for primitive, rule in extra.items():
+    if not isinstance(primitive, str) or not callable(rule):
+      raise TypeError(f"rules must map primitive names to callable rules, got {primitive!r}: {rule!r}")
+  return {**RULES, **extra}
 
 
 def _shape(var: Any) -> tuple[int, ...]:

@@ -30,6 +30,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from receding_jax.errors import InputError
+
 #: Pillow modes by channel count.
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 CIFAR_PAD = 4
@@ -88,7 +90,7 @@ def decode(image: Any, channels: int) -> np.ndarray:
   if array.ndim == 2:
     array = array[..., None]
   if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != channels:
-    raise ValueError(f"expected a uint8 image with {channels} channels, got {array.dtype} {array.shape}")
+    raise InputError(f"expected a uint8 image with {channels} channels, got {array.dtype} {array.shape}")
   return array
 
 

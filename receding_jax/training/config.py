@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 
+from receding_jax.errors import InputError
 from receding_jax.models import COMPUTE_DTYPES, MODELS, NORM_KINDS
 from receding_jax.pruning import SCOPES
 
@@ -29,7 +30,7 @@ PENALTY_NORM = {"rni": "bounded", "l1": "batch", "polarization": "batch"}
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """All keys of a run with their defaults: VGG-16 on CIFAR-10 with the receding penalty (METHOD.md)."""
+  """All keys of a run with their defaults: VGG-16 on CIFAR-10 with the receding penalty (docs/method.md)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -144,7 +145,7 @@ def _type_ok(value: Any, default: Any) -> bool:
   return isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
   """A config that cannot run: an unknown or missing key, a mistyped or impossible value."""
 
 
@@ -273,9 +274,48 @@ def run_identity(saved: Mapping[str, Any]) -> dict[str, Any]:
   return saved
 
 
+#: Top-level keys that only say what happens after training (which phases run, how the trained network is
+#: pruned and fine-tuned): the trained network does not depend on them, so a workdir's finished training
+#: is extended under new values (a new ratio is pruned and fine-tuned from the same checkpoint), never redone.
+PHASE_KEYS = ("phases", "prune", "finetune")
+
+
+def trained_network_identity(saved: Mapping[str, Any]) -> dict[str, Any]:
+  """What two configs (as JSON) must agree on to train the same network: `run_identity` without the
+  `PHASE_KEYS`."""
+  return {k: v for k, v in run_identity(saved).items() if k not in PHASE_KEYS}
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{'optim.learning_rate': 0.1, ...}: a config as JSON, flattened to dotted keys."""
+  flat: dict[str, Any] = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_leaves(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
 def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-  """The top-level keys whose values differ between two configs (as dicts, e.g. read from config.json)."""
-  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+  """The dotted keys ('optim.learning_rate') whose values differ between two configs (as JSON dicts, e.g.
+  read from config.json); a key only one of them has counts."""
+  flat_a, flat_b = _leaves(a), _leaves(b)
+  return sorted(k for k in set(flat_a) | set(flat_b) if flat_a.get(k, _ABSENT) != flat_b.get(k, _ABSENT))
+
+
+def describe_differences(before: Mapping[str, Any], now: Mapping[str, Any], labels=("recorded", "now")) -> str:
+  """'optim.learning_rate: 0.05 (recorded) vs 0.07 (now); ...' for every differing key."""
+  flat_before, flat_now = _leaves(before), _leaves(now)
+
+  def shown(flat: Mapping[str, Any], key: str) -> str:
+    return repr(flat[key]) if key in flat else "absent"
+
+  return "; ".join(f"{k}: {shown(flat_before, k)} ({labels[0]}) vs {shown(flat_now, k)} ({labels[1]})"
+                   for k in differing_keys(before, now))
+
+
+_ABSENT = object()
 
 
 def model_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -296,7 +336,7 @@ def model_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
 PAPER_SCHEDULE = {"train_examples": 50_000, "batch_size": 64, "num_epochs": 160, "learning_rate": 0.1,
                   "decay_fractions": (0.5, 0.75), "decay_factor": 0.1}
 
-#: Penalty settings per (method, model family): METHOD.md sections 2 and 3 (160 epochs, batch 64).
+#: Penalty settings per (method, model family): docs/method.md sections 2 and 3 (160 epochs, batch 64).
 PAPER_PENALTIES = {
     ("rni", "vgg"): {"kind": "rni", "strength": 1e-3, "shift": 3.0},
     ("rni", "resnet"): {"kind": "rni", "strength": 1e-4, "shift": 0.0},
@@ -320,9 +360,9 @@ def paper_config(dataset: str, model: str, method: str) -> ml_collections.Config
   gamma init 0.5 as in the official code, UCS included)."""
   family = "vgg" if "vgg" in model else "resnet"
   if (method, family) not in PAPER_PENALTIES:
-    raise ValueError(f"unknown method {method!r}; choose one of rni, l1, ucs, polarization")
+    raise ConfigError(f"unknown method {method!r}; choose one of rni, l1, ucs, polarization")
   if dataset not in DATASET_STATS:
-    raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_STATS)}")
+    raise ConfigError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_STATS)}")
   c = default_config()
   c.dataset.name = dataset
   for key, value in DATASET_STATS[dataset].items():

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from receding_jax.training import resident, splits, streaming
+from receding_jax.training.config import ConfigError
 from receding_jax.training.steps import Batch, Prepare, chunk_sharding, ready
 
 
@@ -64,14 +65,14 @@ def choose_placement(config: ml_collections.ConfigDict, shards: Mapping[str, spl
     why_not = (f"its splits take {size:.1f} MB of uint8 images (the training split twice: each epoch is laid out "
                f"as a copy), more than data.device_budget_mb = {budget:g} MB")
   if why_not and asked == "device":
-    raise ValueError(f"data.placement = 'device' cannot hold this dataset: {why_not}")
+    raise ConfigError(f"data.placement = 'device' cannot hold this dataset: {why_not}")
   return "streaming" if why_not else "device"
 
 
 def _check_image_size(images: np.ndarray, config: ml_collections.ConfigDict, role: str) -> np.ndarray:
   size, channels = config.dataset.image_size, len(config.dataset.mean)
   if images.shape[1:] != (size, size, channels):
-    raise ValueError(f"device-resident data needs {role} images of {size}x{size}x{channels} "
+    raise ConfigError(f"device-resident data needs {role} images of {size}x{size}x{channels} "
                      f"(dataset.image_size), got {images.shape[1:]}; use data.placement = 'streaming'")
   return images
 

@@ -18,10 +18,10 @@ from typing import Any
 import ml_collections
 
 from receding_jax import compile_clock
-from receding_jax.training import checkpointing, compile_cache, console, loop, plots, workdir_files
+from receding_jax.training import checkpointing, compile_cache, console, loop, plots, splits, workdir_files
 from receding_jax.training import workdir as wd
-from receding_jax.training.config import run_identity, validate_config
-from receding_jax.training.pruned_checkpoint import prune_checkpoint
+from receding_jax.training.config import ConfigError, describe_differences, run_identity, validate_config
+from receding_jax.training.pruned_checkpoint import prune_checkpoint, report_macs
 
 #: What results.json reports per network: validation (every choice is made on it) and test accuracy.
 ACCURACY_KEYS = ("validation_accuracy", "test_accuracy")
@@ -65,15 +65,7 @@ def trained_network(config: ml_collections.ConfigDict, workdir: str) -> dict[str
   epochs = plots.read_epochs(workdir)
   common = {"train_seconds": plots.total_seconds(epochs),
             "max_test_accuracy_over_epochs": plots.max_test_accuracy(epochs)}
-  chosen = epochs[-1]
-  if config.prune.source == "best":
-    manager = checkpointing.make_manager(wd.checkpoint_dir(workdir), create=False)
-    kept = set(manager.all_steps())
-    manager.close()
-    candidates = [e for e in epochs if e["step"] in kept and "validation_accuracy" in e]
-    if not candidates:
-      raise FileNotFoundError(f"no kept checkpoint in {wd.checkpoint_dir(workdir)} has a validation accuracy")
-    chosen = max(candidates, key=lambda e: (e["validation_accuracy"], e["step"]))  # Ties: the later step.
+  chosen = chosen_epoch(config, workdir, epochs)
   accuracies = {k: chosen[k] for k in ACCURACY_KEYS if k in chosen}
   if "test_accuracy" not in accuracies:  # Only the last epoch is evaluated on every split.
     accuracies = _stored_or_computed(
@@ -82,6 +74,49 @@ def trained_network(config: ml_collections.ConfigDict, workdir: str) -> dict[str
         lambda v: v.get("step") == chosen["step"])
     accuracies = {k: accuracies[k] for k in ACCURACY_KEYS if k in accuracies}
   return {"source": config.prune.source, "step": chosen["step"], "epoch": chosen["epoch"], **accuracies, **common}
+
+
+def chosen_epoch(config: ml_collections.ConfigDict, workdir: str, epochs: list[dict[str, Any]]) -> dict[str, Any]:
+  """The epoch line (`epochs`: `plots.read_epochs`) of the trained checkpoint that `prune.source` picks: the
+  newest checkpoint, or the kept one with the best validation accuracy (ties: the later step)."""
+  manager = checkpointing.make_manager(wd.checkpoint_dir(workdir), create=False)
+  kept, newest = set(manager.all_steps()), manager.latest_step()
+  manager.close()
+  if config.prune.source != "best":
+    return _epoch_of_step(epochs, newest)
+  candidates = [e for e in epochs if e["step"] in kept and "validation_accuracy" in e]
+  if not candidates:
+    raise FileNotFoundError(f"no kept checkpoint in {wd.checkpoint_dir(workdir)} has a validation accuracy")
+  return max(candidates, key=lambda e: (e["validation_accuracy"], e["step"]))
+
+
+def check_later_phases(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """ConfigError, before anything runs, when a ratio's pruned or fine-tuned network from an earlier attempt
+  was made under other prune.* or finetune.* settings (or from another trained step) than `config`'s; a
+  ratio without outputs is simply run (a finished run extended with a new ratio)."""
+  step = None
+  for ratio in config.prune.ratios:
+    pruned_dir = wd.pruned_dir(workdir, ratio)
+    if (report := wd.read_report(pruned_dir)) is not None:
+      step = chosen_epoch(config, workdir, plots.read_epochs(workdir))["step"] if step is None else step
+      _check_pruned_under(config, step, report, pruned_dir)
+    finetune_dir = wd.finetune_dir(workdir, ratio)
+    recorded = wd.read_config(finetune_dir)
+    if recorded is not None and recorded["optim"]["num_epochs"] != config.finetune.num_epochs:
+      raise ConfigError(f"{finetune_dir} holds a fine-tune of finetune.num_epochs = {recorded['optim']['num_epochs']}"
+                        f", not {config.finetune.num_epochs}; use a new workdir, or remove that folder to redo it")
+
+
+def _epoch_of_step(epochs: list[dict[str, Any]], step: int | None) -> dict[str, Any]:
+  """The logged epoch line of checkpoint `step` (the newest: the end of training); a checkpoint saved by a
+  run killed before it logged the epoch (older versions saved first) gets {'step', 'epoch'} only, and is
+  evaluated like any epoch without test accuracy."""
+  if step is None:
+    raise FileNotFoundError("the trained run has no checkpoint")
+  for line in reversed(epochs):
+    if line["step"] == step:
+      return line
+  return {"step": step, "epoch": round(step * epochs[-1]["epoch"] / epochs[-1]["step"])}
 
 
 def prune_phase(config: ml_collections.ConfigDict, workdir: str, ratio: float, step: int) -> dict[str, Any]:
@@ -106,15 +141,30 @@ def prune_phase(config: ml_collections.ConfigDict, workdir: str, ratio: float, s
   return result
 
 
+def _check_pruned_under(config: ml_collections.ConfigDict, step: int, report: Mapping[str, Any],
+                        pruned_dir: wd.PathLike) -> None:
+  """ConfigError, naming each differing key and both values, when the pruned network of an earlier attempt
+  was pruned under other prune.* settings or from another trained step (prune.source) than `config`'s."""
+  criterion = report.get("criterion", {})
+  recorded = {"prune.scope": criterion.get("scope"), "prune.min_channels": criterion.get("min_channels"),
+              "prune.channel_multiple": criterion.get("channel_multiple"),
+              "prune.source (trained step)": report.get("source_step")}
+  now = {"prune.scope": config.prune.scope, "prune.min_channels": config.prune.min_channels,
+         "prune.channel_multiple": config.prune.channel_multiple, "prune.source (trained step)": step}
+  if recorded != now:
+    raise ConfigError(f"{pruned_dir} was pruned under another config: {describe_differences(recorded, now)}; "
+                      "use a new workdir, or remove that ratio's pruned and fine-tuned folders to redo it")
+
+
 def finetune_phase(
     config: ml_collections.ConfigDict, workdir: str, ratio: float, skip_damaged_checkpoints: bool = False
 ) -> dict[str, Any]:
   """Fine-tunes the pruned network of `ratio` (resuming if interrupted); returns its final metrics, with
   'finetune_seconds' (its epochs' wall times) and the paper's 'max_test_accuracy_over_epochs'."""
+  finetune_dir = os.fspath(wd.finetune_dir(workdir, ratio))
   manager = checkpointing.make_manager(wd.pruned_dir(workdir, ratio), create=False)
   state, spec = checkpointing.restore(manager)
   manager.close()
-  finetune_dir = os.fspath(wd.finetune_dir(workdir, ratio))
   summary = loop.train_and_evaluate(
       finetune_config(config), finetune_dir, spec=spec,
       init_variables={k: state[k] for k in ("params", "batch_stats")},
@@ -141,13 +191,17 @@ def run(
   same config returns its recorded results at once and changes nothing. The workdir is locked meanwhile.
   `skip_damaged_checkpoints`: see `loop.resume`."""
   validate_config(config)
-  cache = compile_cache.enable(config)
   workdir = os.fspath(wd.path(workdir))
   recorded = recorded_results(config, workdir)
   if workdir_files.agree(recorded is not None):
     print(f"{workdir} holds a finished run of this config; its recorded results:", flush=True)
     print(results_table(recorded), flush=True)
     return recorded
+  splits.check_available(config)  # Before anything is written: the data, and the workdir's trained network.
+  if "train" not in config.phases or wd.read_config(workdir) is not None:
+    workdir_files.check_config(workdir, config, record=False)
+    check_later_phases(config, workdir)
+  cache = compile_cache.enable(config)
   print(f"compilation cache: {cache or 'off (compilation_cache_dir is empty)'}", flush=True)
   with workdir_files.hold(workdir):
     results = _run_phases(config, workdir, skip_damaged_checkpoints)
@@ -209,17 +263,18 @@ def _plot(workdir: str, phases: tuple[str, ...], results: dict[str, Any]) -> Non
 
 def results_table(results: dict[str, Any]) -> str:
   """Markdown: per ratio, accuracy trained / right after pruning / after fine-tuning (test, and validation
-  in brackets when there is a validation split), params and FLOPs, wall times; which trained checkpoint."""
+  in brackets when there is a validation split), params and MACs, wall times; which trained checkpoint."""
   trained = results["trained"]
-  lines = ["| pruned | acc. trained | acc. pruned | acc. fine-tuned | params after/before | FLOPs after/before |"
+  lines = ["| pruned | acc. trained | acc. pruned | acc. fine-tuned | params after/before | MACs after/before |"
            " prune s | fine-tune s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
   for ratio, entry in results["ratios"].items():
     pruned, tuned = entry.get("pruned", {}), entry.get("finetuned", {})
     report = pruned.get("report") or {}
     params = f"{report['params_after']:,}/{report['params_before']:,}" if report else ""
-    flops = f"{report['flops_after'] / report['flops_before']:.3f}" if report else ""
+    macs = report_macs(report) if report else None  # Older results.json: flops_* keys.
+    macs = f"{macs[1] / macs[0]:.3f}" if macs else ""
     lines.append(f"| {float(ratio):.0%} | {accuracy_cell(trained)} | {accuracy_cell(pruned)} | "
-                 f"{accuracy_cell(tuned)} | {params} | {flops} | {pruned.get('prune_seconds', 0):.1f} | "
+                 f"{accuracy_cell(tuned)} | {params} | {macs} | {pruned.get('prune_seconds', 0):.1f} | "
                  f"{tuned.get('finetune_seconds', 0):.1f} |")
   lines.append("")
   lines.append("Accuracy in %: test (validation). Every choice is made on validation; test is only reported.")

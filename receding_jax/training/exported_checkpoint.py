@@ -16,6 +16,7 @@ import jax
 
 from receding_jax import deploy
 from receding_jax.deploy import model_export
+from receding_jax.errors import InputError
 from receding_jax.training import checkpointing, model_specs
 from receding_jax.training import workdir as wd
 
@@ -36,7 +37,7 @@ def export_checkpoint(
   try:
     model = model_specs.build_model(spec)
   except (TypeError, KeyError) as e:
-    raise ValueError(f"the checkpoint's model spec {spec} names no model this package can build: {e}") from None
+    raise InputError(f"the checkpoint's model spec {spec} names no model this package can build: {e}") from None
   variables = {k: jax.device_get(state[k]) for k in ("params", "batch_stats") if k in state}
   return deploy.export_model(
       model, variables, output_dir, formats, inputs=model_specs.example_inputs(spec), quantize=quantize,

@@ -26,7 +26,7 @@ from receding_jax.training import (
     workdir,
     workdir_files,
 )
-from receding_jax.training.config import model_spec, validate_config
+from receding_jax.training.config import ConfigError, model_spec, validate_config
 from receding_jax.training.optimizer import learning_rate_schedule
 from receding_jax.training.steps import State, Trainer, make_mesh, make_trainer
 
@@ -71,7 +71,7 @@ def _check_batch(config: ml_collections.ConfigDict) -> None:
   b = config.optim.batch_size
   for what, n in (("processes", jax.process_count()), ("devices", jax.device_count())):
     if b % n:
-      raise ValueError(f"config.optim.batch_size = {b} must divide evenly over the {n} {what}")
+      raise ConfigError(f"config.optim.batch_size = {b} must divide evenly over the {n} {what}")
 
 
 def train_and_evaluate(
@@ -96,6 +96,7 @@ def train_and_evaluate(
   _check_batch(config)
   compile_cache.enable(config)
   workdir_path = str(workdir.path(workdir_path))
+  splits.check_available(config)
   with workdir_files.hold(workdir_path):
     workdir_files.check_config(workdir_path, config)
     summary = _train_and_evaluate(config, workdir_path, spec, init_variables, skip_damaged_checkpoints)
@@ -170,9 +171,8 @@ def _train_and_evaluate(
   if start_step:
     print(f"resuming from step {start_step} (epoch {start_epoch}) in {workdir_path}", flush=True)
   if start_epoch >= config.optim.num_epochs:
-    print(f"the run in {workdir_path} is already finished", flush=True)
     manager.close()
-    return workdir.last_metrics(workdir_path)
+    return _finished_metrics(workdir_path, trainer, state, start_epoch, eval_feeds)
   print(console.run_line(config, spec, trainer, steps_per_epoch, placement), flush=True)
   writer = metric_writer.open_writer(workdir_path, active=jax.process_index() == 0)
   schedule = learning_rate_schedule(config, steps_per_epoch)
@@ -192,14 +192,37 @@ def _train_and_evaluate(
       summary.update({f"importance_{k}": v for k, v in importance_summary(importances).items()})
     skip_steps = 0
     summary.update(epoch_seconds=clock.seconds, compile_seconds=clock.compile_seconds)
+    # The epoch's line first, then its checkpoint: killed between the two, the rerun resumes from the older
+    # checkpoint and logs the epoch again (readers keep an epoch's last line); never a checkpoint that
+    # metrics.jsonl does not know, which a rerun would take as finished.
+    _record_epoch(writer, workdir_path, summary, importances)
     if (epoch + 1) % config.checkpoint.every_epochs == 0 or last:
       checkpointing.save(manager, step, state, spec,
                          metrics={"validation_accuracy": summary.get("validation_accuracy", 0.0)})
-    _record_epoch(writer, workdir_path, summary, importances)
     print(console.epoch_line(summary, config.optim.num_epochs, time.perf_counter() - run_start,
                              epoch + 1 - start_epoch), flush=True)
   writer.close()
   manager.close()
+  return summary
+
+
+def _finished_metrics(workdir_path: str, trainer: Trainer, state: State, epoch: int,
+                      feeds: Mapping[str, data.Feed]) -> dict:
+  """The final metrics of a finished run: its last epoch line; where the final checkpoint has none (a run
+  killed between saving and logging, when saving came first), it is evaluated and its line written."""
+  print(f"the run in {workdir_path} is already finished", flush=True)
+  last = workdir.last_metrics(workdir_path)
+  step = int(state["step"])
+  if last.get("step") == step:
+    return last
+  print(f"the final checkpoint (step {step}) was never logged; evaluating it", flush=True)
+  variables = jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"]})
+  importances = neuron_importances(variables)
+  summary = {"epoch": epoch, "step": step, **evaluate_feeds(trainer, state, feeds),
+             **{f"importance_{k}": v for k, v in importance_summary(importances).items()}}
+  writer = metric_writer.open_writer(workdir_path, active=jax.process_index() == 0)
+  _record_epoch(writer, workdir_path, summary, importances)
+  writer.close()
   return summary
 
 

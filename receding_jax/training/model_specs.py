@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from receding_jax import pruning
+from receding_jax.errors import InputError
 from receding_jax.models import model_from_spec
 
 EXTRA_KEYS = ("factory", "factory_kwargs", "input_shape", "pruned")
@@ -26,13 +27,13 @@ def import_factory(text: str) -> Any:
   """The callable named 'package.module:attribute'; ValueError in one line if it cannot be imported."""
   module_name, _, attribute = str(text).partition(":")
   if not module_name or not attribute:
-    raise ValueError(f"a model factory is named 'module:function', got {text!r}")
+    raise InputError(f"a model factory is named 'module:function', got {text!r}")
   try:
     factory = getattr(importlib.import_module(module_name), attribute)
   except (ImportError, AttributeError) as e:
-    raise ValueError(f"cannot import the model factory {text!r}: {e}") from None
+    raise InputError(f"cannot import the model factory {text!r}: {e}") from None
   if not callable(factory):
-    raise ValueError(f"the model factory {text!r} is not callable")
+    raise InputError(f"the model factory {text!r} is not callable")
   return factory
 
 
@@ -41,7 +42,7 @@ def base_model(spec: Mapping[str, Any]) -> nn.Module:
   if "factory" in spec:
     model = import_factory(spec["factory"])(**dict(spec.get("factory_kwargs", {})))
     if not isinstance(model, nn.Module):
-      raise ValueError(f"the model factory {spec['factory']!r} returned {type(model).__name__}, not a Linen module")
+      raise InputError(f"the model factory {spec['factory']!r} returned {type(model).__name__}, not a Linen module")
     return model
   return model_from_spec({k: v for k, v in spec.items() if k not in EXTRA_KEYS})
 

@@ -1,4 +1,4 @@
-"""The training recipe's optimiser (METHOD.md section 4): learning-rate schedule, penalty strength and the
+"""The training recipe's optimiser (docs/method.md section 4): learning-rate schedule, penalty strength and the
 optax chain penalty -> SGD with coupled weight decay, bounded norms at 10x the learning rate."""
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def penalty_value(config: ml_collections.ConfigDict, strength: float, params: Py
 def make_optimizer(
     config: ml_collections.ConfigDict, steps_per_epoch: int, penalty_strength: float | None = None
 ) -> optax.GradientTransformation:
-  """METHOD.md section 4: penalty gradient -> SGD (Nesterov) with coupled weight decay; bounded norms get
+  """docs/method.md section 4: penalty gradient -> SGD (Nesterov) with coupled weight decay; bounded norms get
   ``norm_lr_multiplier`` x the learning rate and no decay; polarization clamps BatchNorm scales to [0, 1].
   `penalty_strength` defaults to `effective_penalty_strength(config, steps_per_epoch)`."""
   o = config.optim

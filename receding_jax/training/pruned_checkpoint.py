@@ -3,7 +3,8 @@
 The output holds step 0 with the narrow model's params and batch_stats and a model spec with the narrowed
 layers' widths by path (``pruned``), so it restores and evaluates with `checkpointing.restore` +
 `model_specs.build_model` without the original; beside it ``pruning_report.json``
-(`workdir.write_report`): parameters, FLOPs and group widths before and after, the criterion, and the
+(`workdir.write_report`): parameters, MACs and group widths before and after, the share of the pruned
+groups' channels removed, the criterion, and the
 seconds spent reading, analysing, slicing, checking the narrow model (`prune_params`' check), counting and
 saving. Used
 by the experiment's prune phase and by ``python -m receding_jax.prune_checkpoint``.
@@ -20,6 +21,7 @@ import numpy as np
 
 from receding_jax import pruning
 from receding_jax.compile_clock import timed
+from receding_jax.errors import InputError
 from receding_jax.training import checkpointing, model_specs, workdir_files
 from receding_jax.training import workdir as wd
 
@@ -32,12 +34,13 @@ def prune_checkpoint(
     ratio: float | None = None,
     scope: str = "global",
     min_channels: int = 3,
-    flop_reduction: float | None = None,
+    mac_reduction: float | None = None,
     threshold: float | None = None,
     channel_multiple: int = 1,
     prune_streams: bool = False,
     model_factory: str | None = None,
     input_shape: tuple[int, ...] | None = None,
+    flop_reduction: float | None = None,
 ) -> dict[str, Any]:
   """Prunes the checkpoint at `checkpoint_dir` (step `step`, default newest) into `output_dir`.
 
@@ -45,6 +48,7 @@ def prune_checkpoint(
   own spec (a model outside the zoo); `input_shape` (one input, no batch axis) is the shape pruning traces
   with when the model has no ``input_shape`` attribute. Everything is checked (output free, checkpoint
   readable, criterion valid, the pruned model verified) before anything is written.
+  `flop_reduction`: deprecated spelling of `mac_reduction`.
   Returns the report. Multi-host: every process calls it (orbax saves together); only process 0 writes the
   report, atomically and last, so its presence means the pruned checkpoint is complete.
   """
@@ -63,15 +67,17 @@ def prune_checkpoint(
   variables = {k: jax.device_get(state[k]) for k in ("params", "batch_stats") if k in state}
   narrow_model, narrow_variables = pruning.prune_params(
       model, variables, ratio, inputs=inputs, scope=scope, min_channels=min_channels,
-      flop_reduction=flop_reduction, threshold=threshold, channel_multiple=channel_multiple,
+      mac_reduction=mac_reduction, threshold=threshold, channel_multiple=channel_multiple,
       prune_streams=prune_streams, seconds=seconds,  # 'analysis', 'slicing', 'check'.
+      flop_reduction=flop_reduction,
   )
   narrow_spec = {**spec, "pruned": getattr(narrow_model, "pruned_overrides", {})}
   with timed(seconds, "count"):
     counts = _counts(model, variables, narrow_model, narrow_variables, inputs, prune_streams)
   report = {
       "source": os.fspath(source_dir), "source_step": source_step,
-      "criterion": {"ratio": ratio, "flop_reduction": flop_reduction, "threshold": threshold,
+      "criterion": {"ratio": ratio, "mac_reduction": mac_reduction if flop_reduction is None else flop_reduction,
+                    "threshold": threshold,
                     "scope": scope, "min_channels": min_channels, "channel_multiple": channel_multiple,
                     "prune_streams": prune_streams},
       **counts,
@@ -95,31 +101,40 @@ def _read_source(source_dir, step: int | None, model_factory: str | None,
   if input_shape is not None:
     spec = {**spec, "input_shape": list(input_shape)}
   if spec.get("pruned"):
-    raise ValueError(f"{source_dir} holds an already pruned model: prune the original checkpoint again instead")
+    raise InputError(f"{source_dir} holds an already pruned model: prune the original checkpoint again instead")
   return state, spec, source_step
 
 
 def _counts(model: nn.Module, variables: Any, narrow_model: nn.Module, narrow_variables: Any, inputs: Any,
             prune_streams: bool) -> dict[str, Any]:
-  """Parameters, FLOPs and the widths of the pruned groups before and after (one trace of each model)."""
+  """Parameters, MACs and the widths of the pruned groups before and after (one trace of each model), and the
+  share of those groups' channels removed (beside the criterion's ratio: ties, min_channels and
+  channel_multiple move it)."""
   wide, narrow = pruning.trace(model, variables, inputs), pruning.trace(narrow_model, narrow_variables, inputs)
   before, after = ({g.name: g.size for g in pruning.criteria.selected(t.groups, prune_streams, False)}
                    for t in (wide, narrow))
   return {
       "params_before": pruning.count_params(variables),
       "params_after": pruning.count_params(narrow_variables),
-      "flops_before": pruning.flop_model(wide.coupling)({}),
-      "flops_after": pruning.flop_model(narrow.coupling)({}),
+      "macs_before": pruning.mac_model(wide.coupling)({}),
+      "macs_after": pruning.mac_model(narrow.coupling)({}),
       "groups": list(before),
       "widths_before": list(before.values()),
       "widths_after": [after[name] for name in before],
+      "removed_fraction": 1.0 - sum(after[name] for name in before) / max(sum(before.values()), 1),
   }
 
 
+def report_macs(report: dict[str, Any]) -> tuple[int, int]:
+  """(MACs before, after) of a pruning report; reports written before the rename hold them as flops_*."""
+  old = "macs_before" not in report
+  return report["flops_before" if old else "macs_before"], report["flops_after" if old else "macs_after"]
+
+
 def format_report(report: dict[str, Any]) -> str:
-  """A markdown table of parameters and FLOPs (MACs) before and after pruning."""
+  """A markdown table of parameters and MACs (multiply-accumulates) before and after pruning."""
   rows = [("parameters", report["params_before"], report["params_after"]),
-          ("FLOPs (MACs, one input)", report["flops_before"], report["flops_after"])]
+          ("MACs (one input)", *report_macs(report))]
   lines = ["| | before | after | after / before |", "|---|---:|---:|---:|"]
   lines += [f"| {name} | {b:,} | {a:,} | {a / b:.3f} |" for name, b, a in rows]
   lines.append(f"| prunable channels | {sum(report['widths_before']):,} | {sum(report['widths_after']):,} | "

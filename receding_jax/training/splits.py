@@ -33,7 +33,9 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from receding_jax.errors import InputError
 from receding_jax.training import augment, tfrecord
+from receding_jax.training.config import ConfigError
 
 ROLES = ("train", "validation", "test")
 #: Digits (scikit-learn's embedded 8x8 images): the first DIGITS_TRAIN images train, the rest test.
@@ -134,6 +136,41 @@ class Split:
     return self.process_index + index * self.process_count
 
 
+class DataNotFoundError(InputError):
+  """The dataset a config names is not where the config says (a missing image folder, an unprepared tfds
+  dataset)."""
+
+
+def _has_images(split_dir: pathlib.Path) -> bool:
+  """Whether `split_dir` has a class folder with at least one image (stops at the first)."""
+  classes = (c for c in split_dir.iterdir() if c.is_dir()) if split_dir.is_dir() else ()
+  return any(f.suffix.lower() in IMAGE_EXTENSIONS for c in classes for f in c.iterdir())
+
+
+def check_available(config: ml_collections.ConfigDict) -> None:
+  """Raises DataNotFoundError, naming the config key, the path and what to do, unless the splits the run
+  reads exist; cheap (nothing is decoded), so a run calls it before it writes anything."""
+  d = config.dataset
+  if d.name == "folder":
+    missing = [s for s in dict.fromkeys((d.train_split, d.eval_split)) if not _has_images(pathlib.Path(d.folder) / s)]
+    if missing:
+      raise DataNotFoundError(f"dataset.folder = {d.folder!r} has no images of the split(s) {missing}: it must "
+                              "hold <split>/<class>/*.jpg (or .png); extract or point it at the dataset")
+  elif d.name != "digits":
+    import tensorflow_datasets as tfds
+
+    try:
+      builder = tfds.builder(d.name, data_dir=d.data_dir or None)
+      builder.as_data_source(split=d.train_split)  # Under tfds.testing.mock_data: always there.
+    except NotImplementedError:  # Prepared as TFRecord, or not at all.
+      if not builder.is_prepared():
+        raise DataNotFoundError(
+            f"dataset.name = {d.name!r} is not prepared in {builder.data_dir} (dataset.data_dir = {d.data_dir!r}): "
+            f"prepare it with `tfds build {d.name}` (ImageNet needs its archives downloaded by hand first)") from None
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise DataNotFoundError(f"dataset.name = {d.name!r} is not a tfds dataset: {str(e).splitlines()[0]}") from None
+
+
 def _digits(split: str) -> tuple[np.ndarray, np.ndarray]:
   from sklearn.datasets import load_digits
 
@@ -144,7 +181,7 @@ def _digits(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images[:DIGITS_TRAIN], labels[:DIGITS_TRAIN]
   if split == "test":
     return images[DIGITS_TRAIN:], labels[DIGITS_TRAIN:]
-  raise ValueError(f"the digits dataset has splits 'train' and 'test', got {split!r}")
+  raise ConfigError(f"the digits dataset has splits 'train' and 'test', got {split!r}")
 
 
 def _folder(root: str, split: str) -> FileSource:
@@ -152,7 +189,7 @@ def _folder(root: str, split: str) -> FileSource:
   root_path = pathlib.Path(root)
   splits = sorted(p.name for p in root_path.iterdir() if p.is_dir()) if root_path.is_dir() else []
   if split not in splits:
-    raise ValueError(f"image folder {root} has splits {splits}, not {split!r}")
+    raise DataNotFoundError(f"image folder {root} has splits {splits}, not {split!r}")
   classes = sorted({c.name for s in splits for c in (root_path / s).iterdir() if c.is_dir()})
   paths, labels = [], []
   for label, name in enumerate(classes):
@@ -165,7 +202,7 @@ def _folder(root: str, split: str) -> FileSource:
 
 def _check_held_out_count(total: int, num_held_out: int) -> None:
   if not 0 < num_held_out < total:
-    raise ValueError(f"dataset.validation_examples = {num_held_out} must be in (0, {total}): the training "
+    raise ConfigError(f"dataset.validation_examples = {num_held_out} must be in (0, {total}): the training "
                      f"split has {total} examples and some must be left to train on")
 
 
@@ -186,7 +223,7 @@ def _role_split(config: ml_collections.ConfigDict, role: str) -> tuple[str, bool
     return config.dataset.eval_split, None
   carved = config.dataset.validation_examples > 0
   if role == "validation" and not carved:
-    raise ValueError("there is no validation split: set config.dataset.validation_examples > 0 to carve one "
+    raise ConfigError("there is no validation split: set config.dataset.validation_examples > 0 to carve one "
                      "out of the training split")
   return config.dataset.train_split, (role == "validation") if carved else None
 
@@ -286,7 +323,7 @@ def decoded_arrays(split: Split, threads: int = 8) -> tuple[np.ndarray, np.ndarr
     pairs = list(pool.map(decoded, range(split.num_examples)))
   shapes = sorted({image.shape for image, _ in pairs})
   if len(shapes) > 1:
-    raise ValueError(f"images differ in size ({len(shapes)} shapes, e.g. {shapes[:3]}): they cannot be stacked "
+    raise InputError(f"images differ in size ({len(shapes)} shapes, e.g. {shapes[:3]}): they cannot be stacked "
                      "into one array; stream them instead, resized to dataset.image_size")
   images = np.stack([image for image, _ in pairs]) if pairs else np.zeros((0, 0, 0, split.channels), np.uint8)
   return images, np.asarray([label for _, label in pairs], np.int32)

@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from receding_jax import cpu_compilation
+from receding_jax.models import for_platform
 from receding_jax.training.optimizer import effective_penalty_strength, make_optimizer, penalty_value
 
 DATA_AXIS = "data"
@@ -190,10 +191,13 @@ def make_trainer(
   """Builds the optimiser and jits init and the chunked train/eval with replicated state (donated to the
   train chunk) and chunks sharded over `mesh` (default: every device, `make_mesh`). On CPU the train chunk
   compiles with `cpu_compilation.training_compiler_options` (convolutions kept from YNNPACK: ~2x faster),
-  and `init`/`start`, which run once, with `cpu_compilation.one_shot_compiler_options`. The same
-  arguments (config by value, model by equality, functions by identity) give the same Trainer."""
+  and `init`/`start`, which run once, with `cpu_compilation.one_shot_compiler_options`. A zoo model runs in
+  the formulation of the mesh's platform (`models.for_platform`: on CPU, ``cpu_friendly``), which is the
+  Trainer's `model`. The same arguments (config by value, model by equality, functions by identity) give
+  the same Trainer."""
   mesh = mesh or make_mesh()
   platform = mesh.devices.flat[0].platform
+  model = for_platform(model, platform)
   options = (cpu_compilation.training_compiler_options(platform), cpu_compilation.one_shot_compiler_options(platform))
   key = (config.to_json_best_effort(sort_keys=True), model, steps_per_epoch, mesh, prepare, prepare_eval,
          json.dumps(options, sort_keys=True))

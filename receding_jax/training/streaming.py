@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from receding_jax.training import augment
+from receding_jax.training.config import ConfigError
 from receding_jax.training.splits import Split
 
 Batch = dict[str, np.ndarray]
@@ -38,10 +39,10 @@ def steps_per_epoch(split: Split, global_batch: int) -> int:
   """Training steps per epoch: the same on every process (the smallest shard decides)."""
   local_batch = global_batch // split.process_count
   if local_batch < 1:
-    raise ValueError(f"batch size {global_batch} is smaller than the number of processes ({split.process_count})")
+    raise ConfigError(f"batch size {global_batch} is smaller than the number of processes ({split.process_count})")
   steps = (split.total_examples // split.process_count) // local_batch
   if steps < 1:
-    raise ValueError(f"batch size {global_batch} is larger than the training split ({split.total_examples})")
+    raise ConfigError(f"batch size {global_batch} is larger than the training split ({split.total_examples})")
   return steps
 
 

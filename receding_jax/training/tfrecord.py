@@ -29,6 +29,8 @@ import numpy as np
 from etils import epath
 from google.protobuf.message import DecodeError
 
+from receding_jax.errors import InputError
+
 try:  # A C crc32c checks the data of each record at no noticeable cost.
   import google_crc32c
 
@@ -154,7 +156,7 @@ class TFRecordSource:
       example = parse_example(data)
       return {"image": example["image"][0], "label": int(example["label"][0])}
     except (DecodeError, KeyError, IndexError) as e:  # Not an Example, or one without image or label.
-      raise ValueError(f"TFRecord file {path}: the record at byte {offset} is not a tfds example with an "
+      raise InputError(f"TFRecord file {path}: the record at byte {offset} is not a tfds example with an "
                        f"'image' and a 'label' ({type(e).__name__}: {e})") from None
 
 
@@ -164,7 +166,7 @@ def load(builder: Any, split: str) -> TFRecordSource:
   import tensorflow_datasets as tfds
 
   if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
-    raise ValueError(f"tfds dataset {builder.name!r} is stored as {builder.info.file_format.value}, which "
+    raise InputError(f"tfds dataset {builder.name!r} is stored as {builder.info.file_format.value}, which "
                      f"is read neither by tfds.data_source nor here: re-prepare it as ArrayRecord: "
                      f"tfds build {builder.name} --file_format=array_record")
   instructions = builder.info.splits[split].file_instructions

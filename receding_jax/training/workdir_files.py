@@ -33,7 +33,7 @@ import numpy as np
 from etils import epath
 
 from receding_jax.training import workdir as wd
-from receding_jax.training.config import differing_keys, run_identity
+from receding_jax.training.config import ConfigError, describe_differences, trained_network_identity
 from receding_jax.training.workdir import PathLike, is_writer, write_text
 
 _held: dict[str, int] = {}  # Workdirs this process holds -> nesting depth (a run holds its own workdir once).
@@ -60,16 +60,23 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def check_config(workdir: PathLike, config: ml_collections.ConfigDict) -> None:
-  """Records the config in ``config.json``, or refuses a workdir that holds another config's run (keys
-  since retired from configs, and keys that only say how to run, do not count)."""
-  current = json.loads(config.to_json_best_effort())
+def check_config(workdir: PathLike, config: ml_collections.ConfigDict, *, record: bool = True) -> None:
+  """Refuses (ConfigError, naming each differing key and both values) a workdir whose ``config.json``
+  trained another network: keys of later phases (`PHASE_KEYS`: new ratios, other phases), keys since
+  retired and keys that only say how to run do not count. Records the config there when there is none and
+  `record`; without `record` (phases that only use a trained run) a workdir without one is refused."""
   saved = wd.read_config(workdir)
-  if saved is not None and (before := run_identity(saved)) != (now := run_identity(current)):
-    raise ValueError(f"workdir {workdir} holds a run of another config (differs in {differing_keys(before, now)}); "
-                     "use a new workdir")
+  current = json.loads(config.to_json_best_effort())
   if saved is None:
+    if not record:
+      raise ConfigError(f"workdir {workdir} holds no trained run (no {wd.config_path(workdir).name}); "
+                        f"config.phases = {tuple(config.phases)} needs one: add 'train'")
     wd.write_config(workdir, current)
+    return
+  before, now = trained_network_identity(saved), trained_network_identity(current)
+  if before != now:
+    raise ConfigError(f"workdir {workdir} holds a run of another config: {describe_differences(before, now)}; "
+                      "use a new workdir (keys of later phases, config.phases, prune.* and finetune.*, may differ)")
 
 
 def _boot_id() -> str:
