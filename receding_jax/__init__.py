@@ -1,11 +1,12 @@
 """receding-jax: Receding Neuron Importances for structured pruning (Suteu & Guo, 2022) in JAX/Flax.
 
-The library (norm and nnx_norm, penalties, importances, models, pruning) depends only on jax, flax and
+The library (norm, gate and nnx_norm, penalties, importances, models, pruning) depends only on jax, flax and
 optax; the training loop (`receding_jax.training`) and the command-line modules build on it.
 """
 
+from receding_jax.gate import BoundedGate
 from receding_jax.importances import importance_summary, neuron_importances
-from receding_jax.nnx_norm import NnxBoundedScaleNorm
+from receding_jax.nnx_norm import NnxBoundedGate, NnxBoundedScaleNorm
 from receding_jax.norm import BoundedScaleNorm
 from receding_jax.penalties import (
     add_l1_penalty,
@@ -25,7 +26,9 @@ from receding_jax.selection import batch_norm_scale_mask, bounded_logit_mask
 __version__ = "0.1.0"
 
 __all__ = [
+    "BoundedGate",
     "BoundedScaleNorm",
+    "NnxBoundedGate",
     "NnxBoundedScaleNorm",
     "add_l1_penalty",
     "add_polarization_penalty",

@@ -1,7 +1,7 @@
 """Per-channel neuron importances of every norm layer, and the summary that training logs.
 
-Importance is what the pruner ranks channels by: sigmoid(logit) for a `BoundedScaleNorm` (always in
-(0, 1)), |gamma| for a BatchNorm (unbounded). Linen variables and `flax.nnx` states are both read.
+Importance is what the pruner ranks channels by: sigmoid(logit) for a `BoundedScaleNorm` or a `BoundedGate`
+(always in (0, 1)), |gamma| for a BatchNorm (unbounded). Linen variables and `flax.nnx` states are both read.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def neuron_importances(variables: PyTree) -> dict[str, jax.Array]:
   if not out:
     raise ValueError(
         "neuron_importances found no norm layer (no bounded-norm 'scale_logit' and no BatchNorm 'scale') in "
-        "the variables; importances come from BoundedScaleNorm or BatchNorm layers"
+        "the variables; importances come from BoundedScaleNorm, BoundedGate or BatchNorm layers"
     )
   return out
 

@@ -1,9 +1,10 @@
-"""The bounded norm for Flax NNX: the same maths as `norm.BoundedScaleNorm`, an NNX shell.
+"""The bounded norm and gate for Flax NNX: the maths of `norm.BoundedScaleNorm` and `gate.BoundedGate`, NNX shells.
 
 Variables: ``scale_logit`` (`nnx.Param`, importance = sigmoid(logit)), optional ``bias`` (`nnx.Param`),
 ``mean`` and ``var`` (`nnx.BatchStat`, float32). The layout matches the Linen module's, so penalties,
 importances and pruning find it the same way; ``model.eval()`` switches it to the running statistics.
 Training mode runs `norm.training_function(closed_form_backward)`, as the Linen module does.
+`NnxBoundedGate` holds only ``scale_logit`` (and ``num_features``, which pruning resets), as `gate.BoundedGate`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from receding_jax.gate import bounded_gate
 from receding_jax.norm import (
   Axes,
   bounded_scale,
@@ -88,3 +90,24 @@ class NnxBoundedScaleNorm(nnx.Module):
     self.mean[...] = update_running_average(self.mean[...], mean, self.momentum)
     self.var[...] = update_running_average(self.var[...], var, self.momentum)
     return y
+
+
+class NnxBoundedGate(nnx.Module):
+  """A per-channel gate with a bounded scale, y = sigmoid(w_c) * x_c, in NNX (see `gate.BoundedGate`).
+
+  Args:
+    num_features: channels along `axis` (one axis; the heads with ``axis=-2`` on [..., heads, head_dim]).
+    axis, dtype, param_dtype, logit_init: as `gate.BoundedGate` (logits ~ Normal(0, 1)).
+    rngs: draws the logits (``rngs.params()``).
+  """
+
+  def __init__(self, num_features: int, *, axis: int = -1, dtype: Any = None, param_dtype: Any = jnp.float32,
+               logit_init: nnx.Initializer = DEFAULT_LOGIT_INIT, rngs: nnx.Rngs):
+    if not isinstance(num_features, int) or num_features < 1:
+      raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    self.num_features, self.axis, self.dtype = num_features, axis, dtype
+    self.scale_logit = nnx.Param(logit_init(rngs.params(), (num_features,), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Scales each channel of `x` (channels along `axis`) by sigmoid(its logit)."""
+    return bounded_gate(x, self.scale_logit[...], self.axis, self.dtype)

@@ -5,7 +5,7 @@ penalty and importance helper accepts either such a pytree or a callable that bu
 parameters. The defaults here identify norm parameters in any Flax model by the variable layout that
 the norm modules create, never by a model class:
 
-- bounded-norm logits: leaves named ``scale_logit`` (created by `BoundedScaleNorm`);
+- bounded-norm logits: leaves named ``scale_logit`` (created by `BoundedScaleNorm` and `BoundedGate`);
 - BatchNorm scales, exactly when the running statistics are at hand: with Linen ``variables``
   (``params`` + ``batch_stats``), the ``scale`` leaves of modules that keep a running ``mean`` in
   ``batch_stats``; with a whole `flax.nnx.State` (``nnx.state(model)``), the ``scale`` leaves of modules
@@ -59,14 +59,16 @@ def leaf_names(tree: PyTree) -> list[tuple[str, ...]]:
 
 
 def bounded_logit_mask(params: PyTree) -> PyTree:
-  """True at every `BoundedScaleNorm` logit (leaves named ``scale_logit``)."""
+  """True at every `BoundedScaleNorm` and `BoundedGate` logit (leaves named ``scale_logit``)."""
   return jax.tree_util.tree_map_with_path(lambda p, _: path_names(p)[-1:] == (LOGIT_NAME,), params)
 
 
 def _split_variables(tree: PyTree) -> tuple[PyTree, PyTree | None]:
-  """(params, batch_stats) from Linen variables, or (tree, None) for params alone or an NNX state."""
+  """(params, batch_stats) from Linen variables, or (tree, None) for params alone or an NNX state. Linen
+  variables without ``batch_stats`` keep no running statistics: they have no BatchNorm (a named LayerNorm's
+  ``scale`` is none)."""
   if isinstance(tree, Mapping) and "params" in tree and not is_nnx_state(tree):
-    return tree["params"], tree.get("batch_stats")
+    return tree["params"], tree.get("batch_stats", {})
   return tree, None
 
 
@@ -151,7 +153,7 @@ def resolve_mask(mask: MaskSpec, params: PyTree, default: Callable[[PyTree], PyT
 
 
 _LOOKED_FOR = {
-    bounded_logit_mask: (f"bounded-norm logit (a leaf named {LOGIT_NAME!r})", "use BoundedScaleNorm"),
+    bounded_logit_mask: (f"bounded-norm logit (a leaf named {LOGIT_NAME!r})", "use BoundedScaleNorm or BoundedGate"),
     batch_norm_scale_mask: ("BatchNorm scale (a leaf named 'scale' of a BatchNorm)", "use BatchNorm"),
 }
 

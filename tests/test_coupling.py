@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from receding_jax import BoundedScaleNorm, pruning
+from receding_jax.errors import InputError
 from receding_jax.models import get_model
 
 
@@ -91,8 +92,9 @@ class ScannedNet(nn.Module):
 
 
 def random_variables(model, x, seed=0):
-  """Variables with every leaf random (positive variances): a trained-looking model."""
-  variables = model.init(jax.random.key(0), x)
+  """Variables with every leaf random (positive variances): a trained-looking model. `x`: an input or a
+  tuple of inputs."""
+  variables = model.init(jax.random.key(0), *(x if isinstance(x, tuple) else (x,)))
   leaves, treedef = jax.tree.flatten(variables)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   values = [jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves, strict=True)]
@@ -208,7 +210,8 @@ def test_attention_heads_are_a_group_and_a_head_dimension_that_changes_the_scali
   traced = pruning.trace(model, variables, x)
   heads = next(g for g in traced.groups if ("attn/query/kernel", 1) in members(g))
   assert {("attn/key/kernel", 1), ("attn/value/kernel", 1), ("attn/out/kernel", 0)} <= members(heads)
-  assert pruning.channel_masks(model, variables, 0.5, inputs=x) == {}  # No norm scores them: not pruned.
+  with pytest.raises(InputError, match="0 scored"):  # No norm scores them: a criterion cannot prune them.
+    pruning.channel_masks(model, variables, 0.5, inputs=x)
   narrow_model, narrow = pruning.prune_params(model, variables, masks={heads.name: np.array([1, 0, 1, 0], bool)},
                                               inputs=x)
   assert narrow["params"]["attn"]["query"]["kernel"].shape == (16, 2, 4)
@@ -225,7 +228,8 @@ def test_unprunable_groups_are_refused_with_their_reasons():
   groups = groups_by_name(model, variables, x)
   assert all(groups[n].group.status == "unprunable" for n in ("BoundedScaleNorm_0", "BoundedScaleNorm_1"))
   assert "grouped convolution (feature_group_count=2)" in groups["BoundedScaleNorm_0"].group.reasons
-  assert pruning.channel_masks(model, variables, 0.5, inputs=x) == {}
+  with pytest.raises(InputError, match=r"0 prunable group\(s\)"):  # Nothing a criterion could prune.
+    pruning.channel_masks(model, variables, 0.5, inputs=x)
   with pytest.raises(ValueError, match="feature_group_count=2"):
     pruning.prune_params(model, variables, masks={"BoundedScaleNorm_0": np.arange(8) > 2}, inputs=x)
 
@@ -312,10 +316,15 @@ def _zoo_expected(name, model):
   sizes = model.stage_sizes if name == "resnet50" else [model.blocks_per_stage] * 3
   blocks = [(s, b) for s, size in enumerate(sizes) for b in range(size)]
   pairs = (1,) if name.startswith("cifar") else (1, 2)
-  return {f"stage{s}_block{b}/norm{k}": {(f"stage{s}_block{b}/conv{k}/kernel", 3),
-                                         (f"stage{s}_block{b}/norm{k}/scale_logit", 0),
-                                         (f"stage{s}_block{b}/conv{k + 1}/kernel", 2)}
-          for s, b in blocks for k in pairs}
+  inner = {f"stage{s}_block{b}/norm{k}": {(f"stage{s}_block{b}/conv{k}/kernel", 3),
+                                          (f"stage{s}_block{b}/norm{k}/scale_logit", 0),
+                                          (f"stage{s}_block{b}/conv{k + 1}/kernel", 2)}
+           for s, b in blocks for k in pairs}
+  if name != "resnet50":
+    return inner
+  # ResNet-50's stem is read by the first block's conv1 and projection shortcut and added to nothing: no stream.
+  return {**inner, "stem_norm": {("stem_conv/kernel", 3), ("stem_norm/scale_logit", 0),
+                                 ("stage0_block0/conv1/kernel", 2), ("stage0_block0/proj_conv/kernel", 2)}}
 
 
 @pytest.mark.parametrize("name", ["cifar_vgg16", "cifar_resnet20", "resnet50", "vgg16"])

@@ -7,6 +7,7 @@ widths are explicit attributes and the residual stream keeps its width.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -161,6 +162,9 @@ class ResNet(nn.Module):
   input_shape: Sequence[int] = (224, 224, 3)  # [height, width, channels] of one input (FLOP counts, checks).
   compute_dtype: str = "float32"
   cpu_friendly: bool = False
+  #: Channel groups (named by their first norm) that the paper does not prune: it prunes a ResNet's
+  #: block-inner channels only, and the stem, though no residual joins it, is outside every block.
+  PAPER_UNPRUNED: ClassVar[tuple[str, ...]] = ("stem_norm",)
 
   @property
   def widths(self) -> tuple[int, ...]:

@@ -2,7 +2,7 @@
 
 - `coupling` (with `relations` and `rules`): which parameter axes index the same channels, found from the
   jaxpr of the model's inference function; a rule per primitive, ``rules=`` for one call, `register_rule`
-  for every call.
+  for every call; `attention` marks `jax.nn.dot_product_attention`'s head dimensions for the analysis.
 - `criteria`: groups scored by their norms; masks by ratio (global/local), threshold or MAC target.
 - `slicing`, `optimizer_state`: variables and optimizer states without the removed channels.
 - `rebuild`: the narrow Linen model (width attributes rewritten by path) or NNX model (a narrowed clone).

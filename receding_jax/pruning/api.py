@@ -10,7 +10,7 @@ random input must equal the wide model's with the removed channels' parameters z
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -22,7 +22,7 @@ from receding_jax.errors import InputError
 from receding_jax.pruning import criteria, rebuild, slicing
 from receding_jax.pruning.checking import host_arrays, verify
 from receding_jax.pruning.criteria import Masks
-from receding_jax.pruning.models import Traced, abstract_linen_variables, eval_kwargs, input_specs, trace
+from receding_jax.pruning.models import Traced, abstract_linen_variables, eval_kwargs, input_specs, reboxed, trace
 from receding_jax.pruning.optimizer_state import slice_params_like
 from receding_jax.pruning.rules import Rule
 
@@ -104,14 +104,16 @@ def channel_masks(
     apply_kwargs: Mapping[str, Any] | None = None,
     rules: Rules | None = None,
     flop_reduction: float | None = None,
+    keep_groups: Sequence[str] = (),
 ) -> Masks:
   """Which channels to keep in every group a criterion prunes (docs/method.md section 6); exactly one criterion.
 
   Args:
     model: any Flax Linen module (with its `variables`) or NNX module (variables=None).
-    ratio: share of channels to prune, in [0, 1): the round(ratio * n) least important of the n removable
-      channels of all pruned groups ('global') or of each group ('local'); channels tied at the cut are
-      split in a fixed order (group, then channel index), so ties never prune more or less than asked.
+    ratio: share of channels to prune, in [0, 1): the floor(ratio * (n - 1)) + 1 least important of the n
+      removable channels of all pruned groups ('global') or of each group ('local'), what "keep iff above
+      the ratio-quantile" removes from distinct importances; channels tied at the cut are split in a fixed
+      order (group, then channel index), so ties never prune more or less than asked.
     inputs: an example input (or ShapeDtypeStruct, or a tuple of them); default from ``input_shape``.
     scope: 'global' (RNI, L1, polarization) or 'local' (UCS).
     min_channels: every group keeps at least this many channels (its most important ones).
@@ -119,26 +121,34 @@ def channel_masks(
     threshold: instead of `ratio`, keep a channel iff its importance is above this value (a channel at
       the threshold goes: ``threshold=0`` prunes exactly the channels whose importance receded to 0).
     channel_multiple: round every group's kept count up to a multiple of this, capped at its width.
-    prune_streams: also prune groups scored by several norms (residual streams); off by default, as in
-      the paper, which prunes a ResNet's block-inner channels only.
+    prune_streams: also prune residual streams (groups on which two independent data paths are added,
+      `streams`); off by default, as in the paper, which prunes a ResNet's block-inner channels only.
     allow_approximate: also prune groups a reduction runs over (LayerNorm over channels): the result
       then differs from the original even for channels of importance zero, and is not checked.
+    apply_kwargs: keywords of every call of the model, after the eval-mode flags (Linen: of
+      ``model.apply``, e.g. a PRNG key argument or ``rngs={'dropout': key}``; NNX: of the module's call,
+      e.g. ``rngs=nnx.Rngs(0)``); give every function of a pruning the same ones (`models` explains).
     rules: coupling rules for this call only, {primitive name: rule} (`rules.register_rule` explains
       rules); they add to or replace the built-in ones, which stay as they are for every other call.
     flop_reduction: deprecated spelling of `mac_reduction`.
+    keep_groups: names of groups a criterion leaves whole, as if they had no norm (the paper prunes a
+      ResNet-50's block-inner channels only, not its stem, which no residual joins).
 
   Returns:
-    {group name (its first norm's path): bool [channels], True = keep}.
+    {group name (its first norm's path): bool [channels], True = keep}. InputError when no group the
+    criterion may prune is scored by a norm (a criterion would change nothing): pass `masks` instead.
   """
   mac_reduction = _renamed_reduction(mac_reduction, flop_reduction)
   traced = trace(model, variables, inputs, apply_kwargs, rules)
   return _choose(traced, ratio, mac_reduction, threshold, scope, min_channels, channel_multiple,
-                 prune_streams, allow_approximate)
+                 prune_streams, allow_approximate, keep_groups)
 
 
 def _choose(traced: Traced, ratio, mac_reduction, threshold, scope, min_channels, channel_multiple,
-            prune_streams, allow_approximate) -> Masks:
-  groups = criteria.selected(traced.groups, prune_streams, allow_approximate)
+            prune_streams, allow_approximate, keep_groups=()) -> Masks:
+  groups = criteria.selected(traced.groups, prune_streams, allow_approximate, keep_groups)
+  if not groups:
+    raise InputError(criteria.nothing_to_score(traced.groups, prune_streams, allow_approximate))
   return criteria.choose(traced.coupling, groups, ratio=ratio, mac_reduction=mac_reduction,
                          threshold=threshold, scope=scope, min_channels=min_channels,
                          channel_multiple=channel_multiple)
@@ -194,18 +204,20 @@ def prune_params(
     seconds: dict[str, float] | None = None,
     rules: Rules | None = None,
     flop_reduction: float | None = None,
+    keep_groups: Sequence[str] = (),
 ) -> tuple[Any, Any]:
   """Physically removes channels: returns the narrower model and its variables.
 
   Give `masks` ({group name: bool [channels]}, from `channel_masks` or your own; groups left out keep
   every channel) or one criterion of `channel_masks`. Linen: returns (narrow module, narrow variables),
-  numpy in numpy out; NNX: (a new narrow module, its `nnx.state`). Everything is checked before slicing,
+  numpy in numpy out, flax partitioning boxes (`nn.with_logical_partitioning`) in, the same boxes out; NNX:
+  (a new narrow module, its `nnx.state`). Everything is checked before slicing,
   and with `check` the result is verified (see `verify`); nothing is mutated. A removed BatchNorm
   channel's bias (beta) goes with it, as in Network Slimming; bounded norms have no bias by default, so
   their pruning is exact when the removed importances are 0. `seconds`, if given, receives the wall time
   of each stage: 'analysis' (trace, coupling, criterion), 'slicing' (narrow model and variables), 'check'.
   `rules`: coupling rules for this call only (see `channel_masks`); `flop_reduction`: deprecated spelling
-  of `mac_reduction`.
+  of `mac_reduction`; `keep_groups`: see `channel_masks`.
   """
   seconds = {} if seconds is None else seconds
   mac_reduction = _renamed_reduction(mac_reduction, flop_reduction)
@@ -213,7 +225,7 @@ def prune_params(
     traced = trace(model, variables, inputs, apply_kwargs, rules)
     if masks is None:
       masks = _choose(traced, ratio, mac_reduction, threshold, scope, min_channels, channel_multiple,
-                      prune_streams, allow_approximate)
+                      prune_streams, allow_approximate, keep_groups)
     elif any(c is not None for c in (ratio, mac_reduction, threshold)):
       raise InputError("give either masks or a pruning criterion (ratio, mac_reduction, threshold), not both")
     keep = check_masks(traced, masks, allow_approximate)
@@ -247,25 +259,27 @@ def _narrow(traced: Traced, keep: Mapping[int, np.ndarray], host: PyTree) -> tup
     return narrow_model, nnx.state(narrow_model)
   narrow_variables = _like(traced.variables, slicing.slice_tree(host, traced.coupling, keep))
   overrides = rebuild.linen_overrides(traced.linen_layers, narrow_variables["params"])
-  return rebuild.narrow_linen(traced.model, overrides), narrow_variables
+  return rebuild.narrow_linen(traced.model, overrides), reboxed(traced.boxed, narrow_variables)
 
 
 def prune_params_like(tree: PyTree, model: Any, params: PyTree, masks: Mapping[str, Any], *,
-                      variables: PyTree = None, inputs: Any = None, rules: Rules | None = None) -> PyTree:
+                      variables: PyTree = None, inputs: Any = None, apply_kwargs: Mapping[str, Any] | None = None,
+                      rules: Rules | None = None) -> PyTree:
   """Slices every subtree of `tree` (an optimizer state) that mirrors `params`, the parameters before
   pruning, as `prune_params(..., masks=masks)` slices them: fine-tuning keeps the kept channels' momentum.
 
   Linen: `params` is ``variables['params']`` (pass the whole `variables` too when the model has batch
   statistics, or they are taken from an abstract init); NNX: `model` is the module and `params`
   ``nnx.state(model, nnx.Param)``. Reaches into `optax.chain`, `multi_transform` and `masked` states;
-  ValueError names any leaf it cannot slice (see `optimizer_state`). `rules`: as given to `prune_params`.
+  ValueError names any leaf it cannot slice (see `optimizer_state`). `apply_kwargs`, `rules`: as given to
+  `prune_params`.
   """
   if isinstance(model, nnx.Module):
-    traced, prefix = trace(model, None, inputs, rules=rules), ()
+    traced, prefix = trace(model, None, inputs, apply_kwargs, rules), ()
   else:
     if variables is None:
-      shapes = abstract_linen_variables(model, input_specs(model, inputs), eval_kwargs(model, None))
+      shapes = abstract_linen_variables(model, input_specs(model, inputs), eval_kwargs(model, apply_kwargs))
       variables = {**shapes, "params": params}
-    traced, prefix = trace(model, variables, inputs, rules=rules), ("params",)
+    traced, prefix = trace(model, variables, inputs, apply_kwargs, rules), ("params",)
   keep = check_masks(traced, masks, allow_approximate=True)
   return slice_params_like(tree, params, lambda flat: slicing.slice_named(flat, traced.coupling, keep, prefix))

@@ -28,7 +28,8 @@ import numpy as np
 from flax import nnx
 
 from receding_jax.pruning import slicing
-from receding_jax.pruning.models import Traced
+from receding_jax.pruning.check_inputs import random_inputs
+from receding_jax.pruning.models import Traced, linen_apply, nnx_apply
 
 #: The check compiles each model once, with XLA's backend optimisations off: ResNet-50 compiles in 0.7 s
 #: instead of 2.8 s (and op-by-op dispatch would compile every op of both models: 45 s).
@@ -39,14 +40,6 @@ CPU_CHECK_COMPILER_OPTIONS = {**CHECK_COMPILER_OPTIONS, "xla_cpu_use_fusion_emit
 #: Precision of the float32 matmuls and convolutions the check compiles (`run_once`): GPUs otherwise compute
 #: them in TF32, where the wide and the narrow model round differently (1.7e-3 on a VGG-16 on an H100).
 CHECK_PRECISION = "highest"
-
-
-def _random_inputs(specs, seed: int = 0) -> tuple[np.ndarray, ...]:
-  """Standard normal floats (zeros for other dtypes), drawn with numpy: an N-D `jax.random` draw compiles
-  slowly on XLA:CPU (jax's partitionable threefry)."""
-  rng = np.random.default_rng(seed)
-  return tuple(rng.standard_normal(s.shape, np.float32).astype(s.dtype) if np.issubdtype(s.dtype, np.floating)
-               else np.zeros(s.shape, s.dtype) for s in specs)
 
 
 def run_once(fn: Any, *args: Any) -> Any:
@@ -64,19 +57,20 @@ def run_once(fn: Any, *args: Any) -> Any:
 
 def _narrow_program(traced: Traced, narrow_model: Any, narrow_variables: Any) -> tuple[Callable[..., Any], Any]:
   """(eval-mode apply function, its variables) of the narrow model, called like `traced.apply`."""
-  kwargs = dict(traced.call_kwargs)
+  kwargs = dict(traced.call_kwargs)  # The very keywords (PRNG keys too) the wide model was traced with.
   if traced.kind == "nnx":
     clone = nnx.clone(narrow_model)
     clone.eval()
     graphdef, state = nnx.split(clone)
-    return (lambda s, *x: nnx.merge(graphdef, s)(*x, **kwargs)), state
-  return (lambda v, *x: narrow_model.apply(v, *x, **kwargs)), narrow_variables
+    return nnx_apply(graphdef, kwargs), state
+  return linen_apply(narrow_model, kwargs), narrow_variables
 
 
 def host_arrays(tree: Any) -> Any:
-  """Every leaf as numpy: slicing, zeroing and checking on the host compile nothing (jax would, per leaf
-  shape)."""
-  return jax.tree.map(np.asarray, tree)
+  """Every leaf as numpy (PRNG keys, which numpy cannot hold, as they are): slicing, zeroing and checking
+  on the host compile nothing (jax would, per leaf shape)."""
+  is_key = lambda x: jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+  return jax.tree.map(lambda x: x if is_key(x) else np.asarray(x), tree)
 
 
 def _run(traced: Traced, zeroed: Any, narrow: tuple[Callable[..., Any], Any],
@@ -150,13 +144,19 @@ def tolerance(*programs: jex.ClosedJaxpr) -> float:
 
 def verify(traced: Traced, keep: Mapping[int, np.ndarray], narrow_model: Any, narrow_variables: Any,
            host_variables: Any = None) -> float:
-  """Worst difference between the narrow model and the wide one with the removed channels zeroed, on a
-  random input; ValueError (naming the first failing group's modules) when it exceeds the tolerance.
+  """Worst difference between the narrow model and the wide one with the removed channels zeroed, on
+  random inputs (`check_inputs`: normal floats, valid non-padding tokens), both called with the keywords
+  `traced` was (PRNG keys included); ValueError (naming the first failing group's modules) when it
+  exceeds the tolerance.
   `host_variables`: the wide variables as numpy, when the caller has them already."""
-  inputs = _random_inputs(traced.inputs)
+  inputs = random_inputs(traced)
   wide = host_arrays(traced.variables) if host_variables is None else host_variables
   zeroed = slicing.zero_tree(wide, traced.coupling, keep)
   reference, outputs, bound = _run(traced, zeroed, _narrow_program(traced, narrow_model, narrow_variables), inputs)
+  compared = [_as32(r) for r in reference]
+  if sum(r.size for r in compared) and not any(np.any(~np.isnan(r)) for r in compared):
+    raise ValueError("the check compared nothing: the wide model's outputs are NaN on all of its random "
+                     "inputs; check the narrow model on your own data and prune with check=False")
   scale = max([1.0] + [float(np.max(np.abs(r[np.isfinite(r)]), initial=0.0)) for r in map(_as32, reference)])
   worst = max([0.0] + [_difference(a, b) for a, b in zip(outputs, reference, strict=True)])
   if not worst <= bound * scale:

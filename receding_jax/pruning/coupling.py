@@ -26,8 +26,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from receding_jax.pruning.attention import marked
 from receding_jax.pruning.relations import Relations
 from receding_jax.pruning.rules import Rule, reshape_blocks, rules_with
+from receding_jax.pruning.streams import inherit, provenance, record_joins, set_provenance, stream_roots
 from receding_jax.selection import path_names
 
 LeafKey = tuple[str, ...]
@@ -58,6 +60,7 @@ class Group:
     fixed: bool [size], positions that can never be removed (zero padding, a model output, ...).
     status: 'prunable', 'approximate' (a reduction runs over the channels) or 'unprunable'.
     reasons: why a position is fixed or the group approximate, one line each.
+    stream: two independent data paths are added on its channels (a residual stream, `streams`).
   """
 
   index: int
@@ -109,30 +112,27 @@ def _fix_constants(rel: Relations, constvars: Sequence[Any]) -> None:
         rel.fix(node, "a constant array of the model's code")
 
 
-KIND_ORDER = {"const": 0, "param": 1, "data": 2}
-
-
 def _walk(jaxpr, rel: Relations, scopes: list[int], rules: Mapping[str, Rule]) -> None:
   for eqn in jaxpr.eqns:
     rel.equation += 1
-    kind = max((rel.kind(v) for v in eqn.invars), key=KIND_ORDER.get, default="const")
-    for var in eqn.outvars:
-      rel.set_kind(var, kind)
+    inherit(eqn, rel)  # Kind and origin (`streams`); a channel-mixing rule replaces the origin.
     sub = _sub_jaxpr(eqn)
     if sub is not None:
       body, _ = sub
       outer_in, outer_out = [rel.axes(v) for v in eqn.invars], [rel.axes(v) for v in eqn.outvars]
-      kinds = [rel.kind(v) for v in eqn.invars]
+      carried = provenance(rel, eqn.invars)
       saved, rel.scope = rel.scope, scopes[0]
       scopes[0] += 1
       _fix_constants(rel, body.constvars)
-      for outer, var, k in zip(outer_in, body.invars, kinds, strict=True):
-        rel.set_kind(var, k)
+      set_provenance(rel, body.invars, carried)
+      for outer, var in zip(outer_in, body.invars, strict=True):
         _tie_vars(rel, outer, rel.axes(var))
       _walk(body, rel, scopes, rules)
       for outer, var in zip(outer_out, body.outvars, strict=True):
         _tie_vars(rel, outer, rel.axes(var))
+      carried = provenance(rel, body.outvars)
       rel.scope = saved
+      set_provenance(rel, eqn.outvars, carried)
       continue
     rule = rules.get(eqn.primitive.name)
     if rule is None:
@@ -140,6 +140,7 @@ def _walk(jaxpr, rel: Relations, scopes: list[int], rules: Mapping[str, Rule]) -
                   "(rules={name: rule} or receding_jax.pruning.register_rule adds one)")
     else:
       rule(eqn, rel)
+    record_joins(eqn, rel)
 
 
 class _UnionFind:
@@ -337,18 +338,13 @@ def _build(rel: Relations, param_nodes: list[tuple[LeafKey, list[int]]], leaves:
       for f in fs:
         if f.group >= 0 and (leaf, axis) not in members.setdefault(f.group, []):
           members[f.group].append((leaf, axis))
-  joined = {res.place[cls[n]][0] for n in rel.joins}
-  readers: dict[int, set[int]] = {}
-  for equation, node in rel.reads:
-    for _, root, _, _ in _class_factors(cls[node], res, rel.sizes):
-      readers.setdefault(root, set()).add(equation)
+  streams = stream_roots(rel, lambda node: [f[1] for f in _class_factors(cls[node], res, rel.sizes)])
   groups = []
   for root, i in sorted(index.items(), key=lambda item: item[1]):
     lo, hi = spans[root]
     status = "unprunable" if fixed[root].all() else "approximate" if root in approximate else "prunable"
     why = _unique(reasons.get(root, []) + approximate.get(root, []))
-    stream = root in joined or len(readers.get(root, ())) > 1
-    groups.append(Group(i, hi - lo, tuple(members.get(i, ())), fixed[root], status, why, stream))
+    groups.append(Group(i, hi - lo, tuple(members.get(i, ())), fixed[root], status, why, root in streams))
   macs = []
   for count, nodes in rel.macs:
     seen = {}
@@ -374,7 +370,8 @@ def analyze(fn: Callable[..., Any], variables: Any, *inputs: Any, rules: Mapping
     A `Coupling`: groups of parameter axes, each 'prunable', 'approximate' or 'unprunable' with reasons.
   """
   table = rules_with(rules)  # Bad rules fail before the trace.
-  closed = jax.make_jaxpr(fn)(variables, *inputs)
+  with marked():  # Attention's shape rules made visible to the rules (`attention`).
+    closed = jax.make_jaxpr(fn)(variables, *inputs)
   jaxpr = closed.jaxpr
   leaves = tuple(path_names(p) for p, _ in jax.tree_util.tree_leaves_with_path(variables))
   rel = Relations()
@@ -382,8 +379,9 @@ def analyze(fn: Callable[..., Any], variables: Any, *inputs: Any, rules: Mapping
   param_nodes = [(leaf, rel.axes(var)) for leaf, var in zip(leaves, jaxpr.invars, strict=False)]
   for var in jaxpr.invars[:len(leaves)]:
     rel.set_kind(var, "param")
-  for var in jaxpr.invars[len(leaves):]:
+  for number, var in enumerate(jaxpr.invars[len(leaves):]):
     rel.set_kind(var, "data")
+    rel.set_origin(var, frozenset({-1 - number}))
     for node in rel.axes(var) or ():
       rel.fix(node, "an axis of the model's input")
   _walk(jaxpr, rel, [1], table)

@@ -7,17 +7,18 @@ them: it may go only when it is unimportant everywhere. Positions no norm covers
 are always kept.
 
 By default only groups that are prunable, scored, and not streams are pruned (the paper prunes a
-ResNet's block-inner channels only). A stream is a group on which two data paths meet elementwise (a
-residual add) or that several channel-mixing layers read (a block input feeding a branch and a
-projection shortcut, a transformer's q/k/v). `prune_streams=True` adds streams, `allow_approximate=True`
-adds groups that a reduction runs over (LayerNorm over channels).
+ResNet's block-inner channels only). A stream is a group on which two independent data paths are added
+(a residual add; `streams` says precisely which): several readers (a VAE's two heads) or a gate
+(squeeze-excite) do not make one. `prune_streams=True` adds streams, `allow_approximate=True` adds groups
+that a reduction runs over (LayerNorm over channels).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,8 @@ class ScoredGroup:
 
   Attributes:
     group: the coupling group.
-    name: the path of its first norm ('stage1_block0/norm1'), or 'leaf/path:axis' of its first member.
+    name: the path of its first norm ('stage1_block0/norm1'), or 'leaf/path:axis' of its first member
+      ('leaf/path:axis[i]' where groups would share it: `_distinct_names`).
     norms: (norm path, offset, channels) of every norm on it.
     importance: float64 [size]; +inf where a channel must be kept (fixed or not covered by a norm).
     stream: the group is a stream (`coupling.Group.stream`).
@@ -75,15 +77,56 @@ def score_groups(coupling: Coupling, importances: Mapping[str, tuple[Any, np.nda
       leaf, axis = group.members[0]
       name = f"{'/'.join(leaf)}:{axis}"
     out.append(ScoredGroup(group, name, tuple((p, o, s) for p, o, s, _ in found), importance, group.stream))
-  return out
+  return _distinct_names(out, coupling)
 
 
-def selected(groups: list[ScoredGroup], prune_streams: bool, allow_approximate: bool) -> list[ScoredGroup]:
+def _distinct_names(groups: list[ScoredGroup], coupling: Coupling) -> list[ScoredGroup]:
+  """The groups with unique names. A name that several groups share (the position and channel groups of
+  one flattened dense kernel axis are all named 'leaf:axis') becomes, for each of them, 'leaf:axis[i]',
+  i its factor's place in that axis' layout (the same in the narrow model), else 'name#group index'.
+  Names that were unique stay: masks and checkpoints keyed by them keep working."""
+  def place(g: ScoredGroup) -> str:
+    leaf, axis = g.group.members[0]
+    factors = coupling.layouts.get(leaf, {}).get(axis, ())
+    where = [i for i, f in enumerate(factors) if f.group == g.group.index]
+    return f"{g.name}[{where[0]}]" if where else f"{g.name}#{g.group.index}"
+
+  def rename(gs: list[ScoredGroup], new_name: Callable[[ScoredGroup], str]) -> list[ScoredGroup]:
+    count = collections.Counter(g.name for g in gs)
+    return [dataclasses.replace(g, name=new_name(g)) if count[g.name] > 1 else g for g in gs]
+
+  return rename(rename(groups, place), lambda g: f"{g.name}#{g.group.index}")
+
+
+def selected(groups: list[ScoredGroup], prune_streams: bool, allow_approximate: bool,
+             keep_groups: Collection[str] = ()) -> list[ScoredGroup]:
   """The groups a criterion prunes: scored, with a removable channel, prunable (or approximate if
-  allowed), and not streams unless `prune_streams`."""
+  allowed), not streams unless `prune_streams`, and not named in `keep_groups` (InputError for a name no
+  group has: a typo must not leave a group prunable silently)."""
+  unknown = sorted(set(keep_groups) - {g.name for g in groups})
+  if unknown:
+    raise InputError(f"keep_groups names groups the model does not have: {unknown}; its groups are "
+                     f"{[g.name for g in groups][:20]}")
   statuses = ("prunable", "approximate") if allow_approximate else ("prunable",)
   return [g for g in groups if g.norms and np.isfinite(g.importance).any() and g.group.status in statuses
-          and (prune_streams or not g.stream)]
+          and (prune_streams or not g.stream) and g.name not in keep_groups]
+
+
+def nothing_to_score(groups: list[ScoredGroup], prune_streams: bool, allow_approximate: bool) -> str:
+  """Why a criterion can prune none of `groups` (`selected` is empty): what the model has, and what to do."""
+  removable = [g for g in groups if g.group.status != "unprunable"]
+  scored = [g for g in removable if g.norms and np.isfinite(g.importance).any()]
+  found = (f"{len(removable)} prunable group(s) ({len(groups)} in all), {len(scored)} scored by a "
+           "BoundedScaleNorm, BatchNorm or BoundedGate")
+  if not scored:
+    return (f"a criterion (ratio, mac_reduction, threshold) needs importances, and this model has none: "
+            f"{found}; add one of those layers on the channels to prune, or pass masks= (group names from "
+            "rj.pruning.trace(...).groups)")
+  streams = sum(g.stream for g in scored) if not prune_streams else 0
+  approximate = sum(g.group.status == "approximate" for g in scored) if not allow_approximate else 0
+  return (f"a criterion (ratio, mac_reduction, threshold) has no group to prune: {found}, of which "
+          f"{streams} stream(s) (prune_streams=True prunes them) and {approximate} approximate "
+          "(allow_approximate=True prunes them); or pass masks=")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,15 @@ variables as one pytree, the input specs, the coupling analysis and the importan
 models run ``model.apply(variables, *inputs, **eval_kwargs)``, where eval_kwargs are found from the
 signature of ``__call__`` (``train=False``, ``training=False``, ``deterministic=True``,
 ``use_running_average=True``; ``apply_kwargs`` overrides). NNX models run a clone switched to
-``eval()``; their variables are ``nnx.state(model)``.
+``eval()``, called with the same keywords; their variables are ``nnx.state(model)``.
+
+``apply_kwargs`` reach every call pruning makes (analysis, check, `prune_params_like`, `count_macs`, ...):
+Linen, keywords of ``model.apply`` (``__call__``'s, and apply's ``rngs=``; with ``mutable=`` only the
+predictions are analysed); NNX, keywords of the module's call (``rngs=nnx.Rngs(...)`` is copied afresh
+for every call, so every program draws the same random numbers). A random draw's values change with its
+shape, so the analysis keeps every channel a draw touches (dropout in train mode, a VAE's sampled
+latents): the wide and the narrow model then draw the same numbers from the same keys, and the check
+compares them exactly.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
+from flax.core import meta
 
 from receding_jax.errors import InputError
 from receding_jax.importances import neuron_importances
@@ -46,6 +55,7 @@ class Traced:
   groups: list[ScoredGroup]
   linen_layers: dict[tuple[str, ...], nn.Module]
   call_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # What `apply` calls it with.
+  boxed: Any = None  # Linen variables as given, where flax boxes (nn.LogicallyPartitioned, ...) hold leaves.
 
   def group(self, name: str) -> ScoredGroup:
     for g in self.groups:
@@ -72,8 +82,8 @@ def input_specs(model: Any, inputs: Any) -> tuple[jax.ShapeDtypeStruct, ...]:
   return tuple(out)
 
 
-def eval_kwargs(model: nn.Module, apply_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
-  """The keyword arguments that put `model.__call__` in inference mode, then `apply_kwargs`."""
+def eval_kwargs(model: Any, apply_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+  """The keyword arguments that put `model.__call__` (Linen or NNX) in inference mode, then `apply_kwargs`."""
   try:
     names = inspect.signature(type(model).__call__).parameters
   except (TypeError, ValueError):
@@ -82,17 +92,58 @@ def eval_kwargs(model: nn.Module, apply_kwargs: Mapping[str, Any] | None) -> dic
   return {**found, **dict(apply_kwargs or {})}
 
 
-def _linen_apply(model: nn.Module, kwargs: Mapping[str, Any]) -> Callable[..., Any]:
+def linen_apply(model: nn.Module, kwargs: Mapping[str, Any]) -> Callable[..., Any]:
+  """``model.apply(variables, *inputs, **kwargs)``'s predictions: with ``mutable=`` or
+  ``capture_intermediates=`` apply also returns the updated collections, which pruning drops."""
+  with_state = kwargs.get("mutable", False) is not False or bool(kwargs.get("capture_intermediates"))
+
   def apply(variables, *inputs):
-    return model.apply(variables, *inputs, **kwargs)
+    out = model.apply(variables, *inputs, **kwargs)
+    return out[0] if with_state else out
   return apply
 
 
 def abstract_linen_variables(model: nn.Module, inputs: Sequence[jax.ShapeDtypeStruct],
                              kwargs: Mapping[str, Any]) -> dict[str, Any]:
-  """Shapes of the variables `model.init` creates (nothing is computed)."""
-  variables = jax.eval_shape(lambda *x: model.init(jax.random.key(0), *x, **kwargs), *inputs)
-  return {k: v for k, v in variables.items() if k in LINEN_COLLECTIONS}
+  """Shapes of the variables `model.init` creates (nothing is computed). `kwargs` are apply's: their
+  ``rngs`` join init's 'params' key; ``mutable`` and ``capture_intermediates`` are apply's only."""
+  kwargs = {k: v for k, v in kwargs.items() if k not in ("mutable", "capture_intermediates")}
+  rngs = kwargs.pop("rngs", None)
+  key = jax.random.key(0)
+  rngs = {"params": key, **rngs} if isinstance(rngs, Mapping) else key if rngs is None else rngs
+  variables = jax.eval_shape(lambda *x: model.init(rngs, *x, **kwargs), *inputs)
+  return meta.unbox({k: v for k, v in variables.items() if k in LINEN_COLLECTIONS})
+
+
+def nnx_apply(graphdef: Any, kwargs: Mapping[str, Any]) -> Callable[..., Any]:
+  """An NNX model's call as a pure function of its state, with `kwargs`. Graph nodes among them
+  (`nnx.Rngs`) are cloned afresh in every call: a call that draws random numbers mutates its own copy, at
+  its own trace level, and every program (analysis, wide, narrow) draws the same ones."""
+  nodes = {k: v for k, v in kwargs.items() if nnx.graph.is_graph_node(v)}
+  plain = {k: v for k, v in kwargs.items() if k not in nodes}
+
+  def apply(state, *inputs):
+    fresh = {k: nnx.clone(v) for k, v in nodes.items()}
+    return nnx.merge(graphdef, state)(*inputs, **plain, **fresh)
+  return apply
+
+
+def check_call(model: Any, inputs: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+  """InputError when ``model.__call__`` cannot take `inputs` and `kwargs` (Linen apply's own keywords
+  aside): an argument the model needs (a PRNG key, ``rngs``) belongs in ``apply_kwargs``."""
+  if "method" in kwargs:
+    return
+  call = {k: v for k, v in kwargs.items()
+          if isinstance(model, nnx.Module) or k not in ("rngs", "mutable", "capture_intermediates")}
+  try:
+    signature = inspect.signature(type(model).__call__)
+  except (TypeError, ValueError):
+    return
+  try:
+    signature.bind(model, *inputs, **call)
+  except TypeError as e:
+    raise InputError(f"{type(model).__name__}.__call__ cannot be called with {len(inputs)} input(s) and the "
+                     f"keywords {sorted(kwargs)}: {e}; pass its other arguments in apply_kwargs=") from e
 
 
 def check_linen_variables(model: nn.Module, variables: Any, expected: Mapping[str, Any]) -> dict[str, Any]:
@@ -112,6 +163,28 @@ def check_linen_variables(model: nn.Module, variables: Any, expected: Mapping[st
   if extra:
     raise InputError(f"the variables have leaves that {name} does not: {extra[:5]}")
   return traverse_util.unflatten_dict(given)
+
+
+def _is_box(x: Any) -> bool:
+  return isinstance(x, meta.AxisMetadata)
+
+
+def has_boxes(tree: Any) -> bool:
+  """Whether flax boxes (`nn.LogicallyPartitioned`, `nn.Partitioned`: `flax.core.meta.AxisMetadata`) hold
+  any leaf of `tree`, as in the variables of a model whose initialisers are `nn.with_logical_partitioning`."""
+  return any(_is_box(x) for x in jax.tree.leaves(tree, is_leaf=_is_box))
+
+
+def reboxed(like: Any, values: Mapping[str, Any]) -> Any:
+  """`values` (Linen variables, plain arrays) with each leaf put back in the box that held it in `like`
+  (the variables as given): the same box type and metadata (axis names, mesh, rules), the new value. Why:
+  a caller who passes boxed variables gets boxed ones back, ready for its sharding code."""
+  if like is None:
+    return values
+  boxes = traverse_util.flatten_dict({k: v for k, v in dict(like).items() if k in values})
+  flat = traverse_util.flatten_dict(dict(values))
+  return traverse_util.unflatten_dict({k: boxes[k].replace_boxed(v) if _is_box(boxes.get(k)) else v
+                                       for k, v in flat.items()})
 
 
 def _norm_importances(variables: Any, prefix: tuple[str, ...]) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
@@ -149,18 +222,22 @@ def trace(model: Any, variables: Any = None, inputs: Any = None, apply_kwargs: M
     clone = nnx.clone(model)
     clone.eval()
     graphdef, state = nnx.split(clone)
-    apply = lambda s, *x: nnx.merge(graphdef, s)(*x, **dict(apply_kwargs or {}))
+    kwargs = eval_kwargs(model, apply_kwargs)
+    check_call(model, specs, kwargs)
+    apply = nnx_apply(graphdef, kwargs)
     coupling = analyze(apply, state, *specs, rules=rules)
     groups = score_groups(coupling, _norm_importances(state, ()))
-    return Traced(model, "nnx", apply, state, specs, coupling, groups, {}, dict(apply_kwargs or {}))
+    return Traced(model, "nnx", apply, state, specs, coupling, groups, {}, kwargs)
   if not isinstance(model, nn.Module):
     raise TypeError(f"prune a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}")
   kwargs = eval_kwargs(model, apply_kwargs)
+  check_call(model, specs, kwargs)
   expected = abstract_linen_variables(model, specs, kwargs)
-  variables = expected if variables is None else check_linen_variables(model, variables, expected)
+  boxed = variables if has_boxes(variables) else None
+  variables = expected if variables is None else check_linen_variables(model, meta.unbox(variables), expected)
   layers: dict[tuple[str, ...], nn.Module] = {}
-  apply = _linen_apply(model, kwargs)
+  apply = linen_apply(model, kwargs)
   with nn.intercept_methods(record_linen_layers(layers)):
     coupling = analyze(apply, variables, *specs, rules=rules)
   groups = score_groups(coupling, _norm_importances(variables, ("params",)))
-  return Traced(model, "linen", apply, variables, specs, coupling, groups, layers, kwargs)
+  return Traced(model, "linen", apply, variables, specs, coupling, groups, layers, kwargs, boxed)

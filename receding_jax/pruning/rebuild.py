@@ -3,17 +3,20 @@
 Linen layers take their widths from attributes (``features``) and refuse parameters of other shapes. The
 narrow Linen model is therefore the original module under a dynamic subclass that, whenever it is
 initialised or applied, rewrites the width attributes of the layers pruning narrowed (by module path,
-through `flax.linen.intercept_methods`): `features` of Conv/ConvTranspose/Dense/DenseGeneral/Embed, and
-a depthwise conv's `feature_group_count`. It works with `apply`, `init`, `jit`, `grad` and train mode;
-widths that the model's own code computes from its attributes (a reshape to a hard-coded head count)
-cannot be rewritten, and `prune_params`' check then refuses the result. The rewrites are plain JSON
-({module path: {attribute: value}}), which is what pruned checkpoints store. The narrow model checks the
-shapes of the parameters it is given against those its layers ask for without tracing the initialisers,
-which flax does at every apply, and which at a pruned model's new shapes made its first trace 3-4x slower
-than the wide model's (`_checked_param`).
+through `flax.linen.intercept_methods`): `features` of Conv/ConvTranspose/Dense/DenseGeneral/Embed, an
+Einsum's kernel `shape`, and a depthwise conv's `feature_group_count`. It works with `apply`, `init`,
+`jit`, `grad` and train mode; widths that the model's own code computes from its attributes (a reshape
+to a hard-coded head count) cannot be rewritten, and `prune_params`' check then refuses the result. The
+rewrites are plain JSON ({module path: {attribute: value}}), which is what pruned checkpoints store. The
+narrow model checks the shapes of the parameters it is given against those its layers ask for without
+tracing the initialisers, which flax does at every apply, and which at a pruned model's new shapes made
+its first trace 3-4x slower than the wide model's (`_checked_param`).
 
 NNX modules hold their parameters: the narrow model is a clone whose Variables are replaced by the
 sliced ones and whose layers' width attributes are set from their new shapes; the original is untouched.
+Only layers whose arrays changed are touched, each by its class's rule in `NNX_WIDTHS` (Conv,
+ConvTranspose, Linear, LinearGeneral, Einsum, Embed, LoRA, MultiHeadAttention, recurrent cells; any
+other module with a `num_features`: the norms, `NnxBoundedScaleNorm`), and only attributes it has are set.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from flax.core import meta
 from flax.core.scope import Scope
 
 Overrides = dict[str, dict[str, Any]]  # {'block/conv1': {'features': 12}}
-LINEN_LAYERS = (nn.Conv, nn.ConvTranspose, nn.ConvLocal, nn.Dense, nn.DenseGeneral, nn.Embed)
+LINEN_LAYERS = (nn.Conv, nn.ConvTranspose, nn.ConvLocal, nn.Dense, nn.DenseGeneral, nn.Embed, nn.Einsum)
 
 
 def record_linen_layers(layers: dict[tuple[str, ...], nn.Module]):
@@ -64,13 +67,16 @@ def linen_overrides(layers: Mapping[tuple[str, ...], nn.Module], params: Mapping
     if shape is None:
       continue
     new: dict[str, Any] = {}
-    if isinstance(layer, nn.DenseGeneral):
+    if isinstance(layer, nn.Einsum):  # Its kernel's shape is an attribute.
+      if shape != tuple(layer.shape):
+        new["shape"] = shape
+    elif isinstance(layer, nn.DenseGeneral):
       features = layer.features
       value = shape[-1] if isinstance(features, int) else tuple(shape[-len(features):])
       if value != features:
         new["features"] = value
-    elif shape[-1] != layer.features:
-      new["features"] = shape[-1]
+    elif (features := shape[-2] if getattr(layer, "transpose_kernel", False) else shape[-1]) != layer.features:
+      new["features"] = features  # A ConvTranspose with transpose_kernel holds [*window, features, in].
       groups = getattr(layer, "feature_group_count", 1)
       if groups > 1:
         new["feature_group_count"] = shape[-1] // (layer.features // groups)
@@ -146,51 +152,112 @@ def _is_shape(shape: Any) -> bool:
   return isinstance(shape, (tuple, list)) and all(isinstance(d, (int, np.integer)) for d in shape)
 
 
-def _nnx_array(module: nnx.Module, name: str) -> tuple[int, ...] | None:
+def _array_shape(module: nnx.Module, name: str) -> tuple[int, ...] | None:
+  """The shape of the array `module` holds as `name` (an `nnx.Variable` or a plain array); None if none."""
   value = getattr(module, name, None)
-  return tuple(value.get_value().shape) if isinstance(value, nnx.Variable) and value.get_value() is not None else None
+  value = value.get_value() if isinstance(value, nnx.Variable) else value
+  return tuple(np.shape(value)) if hasattr(value, "shape") else None
 
 
-def _fix_nnx_conv(module: nnx.Conv | nnx.ConvTranspose, multiplier: int) -> None:
-  shape = _nnx_array(module, "kernel")
-  if module.feature_group_count > 1:
-    module.feature_group_count = shape[-1] // multiplier
-  module.in_features = shape[-2] * module.feature_group_count
-  module.out_features = shape[-1]
-  module.kernel_shape = shape
+def _conv_widths(m: nnx.Module) -> dict[str, Any]:
+  """nnx.Conv: kernel [*window, in / groups, out]; a depthwise conv keeps its channel multiplier."""
+  shape = _array_shape(m, "kernel")
+  groups = m.feature_group_count
+  if groups > 1:
+    groups = shape[-1] // (m.out_features // groups)
+  return {"feature_group_count": groups, "in_features": shape[-2] * groups, "out_features": shape[-1],
+          "kernel_shape": shape}
 
 
-def _fix_nnx_module(module: nnx.Module, multiplier: int) -> None:
-  if isinstance(module, (nnx.Conv, nnx.ConvTranspose)):
-    _fix_nnx_conv(module, multiplier)
-  elif isinstance(module, nnx.Linear):
-    module.in_features, module.out_features = _nnx_array(module, "kernel")
-  elif isinstance(module, nnx.LinearGeneral):
-    shape = _nnx_array(module, "kernel")
-    n_in = len(module.in_features)
-    module.in_features, module.out_features = shape[:n_in], shape[n_in:]
-  elif isinstance(module, nnx.Embed):
-    module.features = _nnx_array(module, "embedding")[-1]
-  elif isinstance(module, nnx.MultiHeadAttention):
-    _, module.num_heads, module.head_dim = _nnx_array(module.query, "kernel")
-    module.qkv_features = module.num_heads * module.head_dim
-    module.out_features = _nnx_array(module.out, "kernel")[-1]
-  if hasattr(module, "num_features"):
-    for name in ("scale", "scale_logit", "bias", "mean", "var"):
-      shape = _nnx_array(module, name)
+def _conv_transpose_widths(m: nnx.Module) -> dict[str, Any]:
+  """nnx.ConvTranspose: kernel [*window, in, out], or [*window, out, in] with `transpose_kernel`."""
+  shape = _array_shape(m, "kernel")
+  n_in, n_out = (shape[-1], shape[-2]) if getattr(m, "transpose_kernel", False) else (shape[-2], shape[-1])
+  return {"in_features": n_in, "out_features": n_out, "kernel_shape": shape}
+
+
+def _linear_general_widths(m: nnx.Module) -> dict[str, Any]:
+  """nnx.LinearGeneral: kernel [*batch, *in, *out]."""
+  shape, n_in, n_out = _array_shape(m, "kernel"), len(m.in_features), len(m.out_features)
+  return {"in_features": shape[len(shape) - n_out - n_in:len(shape) - n_out], "out_features": shape[-n_out:]}
+
+
+def _attention_widths(m: nnx.Module) -> dict[str, Any]:
+  """nnx.MultiHeadAttention: query kernel [in, heads, head_dim], key [in_kv, kv_heads, head_dim], out [.., out]."""
+  (n_in, heads, head_dim), key = _array_shape(m.query, "kernel"), _array_shape(m.key, "kernel")
+  return {"in_features": n_in, "num_heads": heads, "head_dim": head_dim, "qkv_features": heads * head_dim,
+          "in_kv_features": key[0], "num_kv_heads": key[1], "out_features": _array_shape(m.out, "kernel")[-1]}
+
+
+def _cell_widths(m: nnx.Module) -> dict[str, Any]:
+  """Recurrent cells: input and hidden widths from their input and hidden projections' kernels."""
+  found = {}
+  for attribute, layers in (("in_features", ("ii", "dense_i")), ("hidden_features", ("hi", "dense_h"))):
+    for layer in layers:
+      shape = _array_shape(getattr(m, layer, None), "kernel")
       if shape:
-        module.num_features = shape[-1]
+        found[attribute] = shape[0]
         break
+  return found
+
+
+def _norm_widths(m: nnx.Module) -> dict[str, Any]:
+  """Any module with `num_features` and a per-channel array (nnx norms, NnxBoundedScaleNorm); GroupNorm
+  keeps its group size where the new width allows (whole groups removed), else its number of groups."""
+  shape = next(filter(None, (_array_shape(m, n) for n in ("scale", "scale_logit", "bias", "mean", "var"))), None)
+  if not shape:
+    return {}
+  found: dict[str, Any] = {"num_features": shape[-1]}
+  size = getattr(m, "group_size", None)
+  if isinstance(size, int) and hasattr(m, "num_groups"):
+    if shape[-1] % size == 0:
+      found["num_groups"] = shape[-1] // size
+    else:
+      found["group_size"] = shape[-1] // m.num_groups
+  return found
+
+
+def _lora_widths(m: nnx.Module) -> dict[str, Any]:
+  return {"in_features": _array_shape(m, "lora_a")[0], "out_features": _array_shape(m, "lora_b")[-1]}
+
+
+#: How each NNX layer's width attributes follow from its arrays (first matching class wins). Each reads the
+#: layer's attributes as they were (the old widths) and its arrays as they are (the narrow shapes).
+NNX_WIDTHS: tuple[tuple[type, Any], ...] = (
+    (nnx.MultiHeadAttention, _attention_widths),
+    (nnx.Conv, _conv_widths),
+    (nnx.ConvTranspose, _conv_transpose_widths),
+    (nnx.LinearGeneral, _linear_general_widths),
+    (nnx.Linear, lambda m: dict(zip(("in_features", "out_features"), _array_shape(m, "kernel"), strict=True))),
+    (nnx.Einsum, lambda m: {"kernel_shape": _array_shape(m, "kernel"), "bias_shape": _array_shape(m, "bias")}),
+    (nnx.Embed, lambda m: dict(zip(("num_embeddings", "features"), _array_shape(m, "embedding"), strict=True))),
+    (nnx.LoRA, _lora_widths),
+    (nnx.RNNCellBase, _cell_widths),
+)
+
+
+def _nnx_widths(module: nnx.Module) -> dict[str, Any]:
+  """The width attributes of `module` that its (narrow) arrays imply, for those it has."""
+  rule = next((fn for cls, fn in NNX_WIDTHS if isinstance(module, cls)), None)
+  if rule is None:
+    rule = _norm_widths if hasattr(module, "num_features") else (lambda m: {})
+  return {k: v for k, v in rule(module).items() if hasattr(module, k) and v is not None}
+
+
+def _array_shapes(module: nnx.Module) -> list[tuple[int, ...]]:
+  return [tuple(np.shape(x)) for x in jax.tree.leaves(nnx.state(module))]
 
 
 def narrow_nnx(model: nnx.Module, narrow_state: nnx.State) -> nnx.Module:
-  """A clone of `model` holding `narrow_state` (same structure, narrower arrays), width attributes set."""
+  """A clone of `model` holding `narrow_state` (same structure, narrower arrays), whose layers that lost
+  channels get width attributes that match their arrays (`NNX_WIDTHS`); the others are left as they are."""
   clone = nnx.clone(model)
-  multipliers = {path: m.out_features // m.feature_group_count for path, m in nnx.iter_modules(clone)
-                 if isinstance(m, (nnx.Conv, nnx.ConvTranspose))}
+  before = {path: _array_shapes(m) for path, m in nnx.iter_modules(clone)}
   nnx.update(clone, narrow_state)
   for path, module in nnx.iter_modules(clone):
-    _fix_nnx_module(module, multipliers.get(path, 1))
+    if _array_shapes(module) != before[path]:
+      for name, value in _nnx_widths(module).items():
+        setattr(module, name, value)
   return clone
 
 

@@ -11,7 +11,9 @@ A *node* is one axis of one value of the traced computation (a jaxpr variable in
   primitives); `fix_range(a, lo, hi, reason)`: only positions [lo, hi) cannot (zero padding);
 - `ignore(a)`: the axis is not a channel axis (a convolution window);
 - `approximate(a, reason)`: a reduction runs over the axis, so removing a channel changes the result
-  unless the channel is exactly zero there (LayerNorm over channels, a sum over features).
+  unless the channel is exactly zero there (LayerNorm over channels, a sum over features);
+- `set_origin(var, {rel.equation})`: the result's channels are mixed anew here (a conv, a dot product),
+  so adding it to a value from elsewhere joins a residual stream (`streams`).
 
 `coupling` turns these into channel groups. Rules never see the union-find; they only call these methods.
 """
@@ -44,12 +46,14 @@ class Relations:
   ignored: list[Node] = dataclasses.field(default_factory=list)
   #: Multiply-accumulates of conv and dot_general equations: (MACs, the nodes whose sizes they scale with).
   macs: list[tuple[int, tuple[Node, ...]]] = dataclasses.field(default_factory=list)
-  #: Axes where two data-dependent values meet elementwise (a residual add): the group is a stream.
+  #: Axes where two independent data paths are added (a residual add): the group is a stream (`streams`).
   joins: list[Node] = dataclasses.field(default_factory=list)
-  #: (equation number, axis) for every axis a channel-mixing layer (conv, dot product) sums over.
-  reads: list[tuple[int, Node]] = dataclasses.field(default_factory=list)
   #: What each value depends on: 'data' (the model's inputs), 'param' (variables only) or 'const'.
   kinds: dict[tuple[int, Any], str] = dataclasses.field(default_factory=dict)
+  #: Where a data value's channels were last mixed: the channel-mixing equations (or model inputs, numbered
+  #: -1, -2, ...) it comes from. An add joins a stream only where its operands' origins are disjoint (GELU's
+  #: x + 0.0447 x^3 adds one layer's output to a function of itself; a residual adds two layers' outputs).
+  origins: dict[tuple[int, Any], frozenset[int]] = dataclasses.field(default_factory=dict)
   #: Axes of a value that broadcast_in_dim expanded (they do not make an elementwise op a join).
   broadcast: dict[tuple[int, Any], set[int]] = dataclasses.field(default_factory=dict)
   _ids: dict[tuple[int, Any, int], Node] = dataclasses.field(default_factory=dict)
@@ -89,6 +93,14 @@ class Relations:
     if _is_variable(var):
       self.kinds[(self.scope, var)] = kind
 
+  def origin(self, var: Any) -> frozenset[int]:
+    """The origins of `var` (see `origins`); empty for parameters, constants and literals."""
+    return self.origins.get((self.scope, var), frozenset()) if _is_variable(var) else frozenset()
+
+  def set_origin(self, var: Any, origin: frozenset[int]) -> None:
+    if _is_variable(var):
+      self.origins[(self.scope, var)] = frozenset(origin)
+
   def set_broadcast(self, var: Any, axes: set[int]) -> None:
     self.broadcast[(self.scope, var)] = axes
 
@@ -96,12 +108,8 @@ class Relations:
     return self.broadcast.get((self.scope, var), set())
 
   def join(self, a: Node) -> None:
-    """Two data-dependent values meet elementwise along `a` (a residual add)."""
+    """Two independent data paths are added along `a` (a residual add)."""
     self.joins.append(a)
-
-  def read(self, a: Node) -> None:
-    """A channel-mixing layer (the current equation) sums over the channels of `a`."""
-    self.reads.append((self.equation, a))
 
   def tie(self, a: Node, b: Node) -> None:
     """Axes `a` and `b` index the same channels in the same order (their sizes must be equal)."""

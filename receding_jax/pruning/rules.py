@@ -11,9 +11,11 @@ Documented rules (the exact coupling; "fix" = those channels are never removed):
 - elementwise ops (add, mul, max, exp, select_n, convert_element_type, ...): ties axis i of each operand
   to axis i of the result, except where the operand broadcasts (size 1);
 - broadcast_in_dim, transpose, squeeze, expand_dims: ties the axes they carry over;
+- rev: ties every axis to the result's; a reversed axis is fixed (a window of a conv: harmless);
 - reshape: ties axes that survive unchanged; a merge (flatten) or a split records a composition; an
   axis both merged and split is fixed;
 - dot_general: ties contracted and batch axes across operands and the free/batch axes to the result;
+  its result is a new origin (`streams`), as is a conv's other than a depthwise one;
 - conv_general_dilated: ties input features to the kernel's input axis and the kernel's output axis to
   the result's features; a depthwise conv (groups = input features, one kernel input channel) ties all
   three (with a channel multiplier m, output channel c * m + j reads input channel c: a composition, as in
@@ -80,17 +82,10 @@ ELEMENTWISE = (
 def elementwise(eqn, rel: Relations) -> None:
   out = rel.axes(eqn.outvars[0])
   ndim = len(out)
-  data_sizes = []
-  for var in eqn.invars:
+  for var in eqn.invars:  # Where an add joins a residual stream is `streams.record_joins`'s business.
     axes = rel.axes(var)
     if axes is not None and len(axes) == ndim:
       _tie_same(rel, axes, out, [(i, i) for i in range(ndim)])
-      if rel.kind(var) == "data" and eqn.primitive.name in ("add", "add_any"):
-        expanded = rel.broadcast_axes(var)
-        data_sizes.append([0 if i in expanded else rel.sizes[a] for i, a in enumerate(axes)])
-  for i in range(ndim):  # Two data values added along an unbroadcast axis: a residual connection.
-    if rel.sizes[out[i]] > 1 and sum(sizes[i] == rel.sizes[out[i]] for sizes in data_sizes) > 1:
-      rel.join(out[i])
   for extra in eqn.outvars[1:]:
     _tie_same(rel, rel.axes(extra), out, [(i, i) for i in range(ndim)])
 
@@ -106,6 +101,16 @@ def broadcast_in_dim(eqn, rel: Relations) -> None:
 def transpose(eqn, rel: Relations) -> None:
   perm = eqn.params["permutation"]
   _tie_same(rel, rel.axes(eqn.invars[0]), rel.axes(eqn.outvars[0]), [(p, i) for i, p in enumerate(perm)])
+
+
+def rev(eqn, rel: Relations) -> None:
+  """Ties every axis to the result's; a reversed axis is also fixed (its channels come out in the opposite
+  order), which costs nothing where it is a convolution window (a transposed conv's flipped kernel)."""
+  src, out = rel.axes(eqn.invars[0]), rel.axes(eqn.outvars[0])
+  _tie_same(rel, src, out, [(i, i) for i in range(len(src))])
+  for i in eqn.params["dimensions"]:
+    if rel.sizes[src[i]] > 1:
+      rel.fix(src[i], "rev (reversed order) over this axis")
 
 
 def squeeze(eqn, rel: Relations) -> None:
@@ -175,8 +180,7 @@ def dot_general(eqn, rel: Relations) -> None:
   rfree = [i for i in range(len(rhs)) if i not in rc and i not in rb]
   _tie_same(rel, lhs, out, [(d, k) for k, d in enumerate([*lb, *lfree])])
   _tie_same(rel, rhs, out, [(d, len(lb) + len(lfree) + k) for k, d in enumerate(rfree)])
-  for i in lc:
-    rel.read(lhs[i])
+  rel.set_origin(eqn.outvars[0], frozenset({rel.equation}))
   rel.count_macs(int(np.prod(_shape(eqn.outvars[0]))) * int(np.prod([rel.sizes[lhs[i]] for i in lc])),
                  tuple(out) + tuple(lhs[i] for i in lc))
 
@@ -202,7 +206,7 @@ def conv_general_dilated(eqn, rel: Relations) -> None:
   elif groups == 1:
     rel.tie(lhs[lfeat], rhs[rin])
     rel.tie(rhs[rout], out[ofeat])
-    rel.read(lhs[lfeat])
+    rel.set_origin(eqn.outvars[0], frozenset({rel.equation}))
     rel.count_macs(macs, (out[ofeat], rhs[rin]))
   elif groups == in_features and rel.sizes[rhs[rin]] == 1 and out_features % groups == 0:
     rel.tie(rhs[rout], out[ofeat])  # Depthwise: output channel c * m + j reads input channel c.
@@ -218,6 +222,7 @@ def conv_general_dilated(eqn, rel: Relations) -> None:
     reason = f"grouped convolution (feature_group_count={groups})"
     for node in (lhs[lfeat], rhs[rin], rhs[rout], out[ofeat]):
       rel.fix(node, reason)
+    rel.set_origin(eqn.outvars[0], frozenset({rel.equation}))
 
 
 def _reduction(approximate: bool):
@@ -329,6 +334,7 @@ for _name in ELEMENTWISE:
   register_rule(_name, elementwise)
 for _name, _rule in {
     "broadcast_in_dim": broadcast_in_dim, "transpose": transpose, "squeeze": squeeze, "expand_dims": expand_dims,
+    "rev": rev,
     "reshape": reshape, "dot_general": dot_general, "conv_general_dilated": conv_general_dilated,
     "reduce_sum": _reduction(True), "reduce_max": _reduction(True), "reduce_min": _reduction(True),
     "reduce_prod": _reduction(True), "reduce_and": _reduction(True), "reduce_or": _reduction(True),

@@ -65,15 +65,16 @@ def prune_checkpoint(
   model = model_specs.base_model(spec)
   inputs = model_specs.example_inputs(spec)
   variables = {k: jax.device_get(state[k]) for k in ("params", "batch_stats") if k in state}
+  keep_groups = getattr(model, "PAPER_UNPRUNED", ())  # A zoo ResNet-50's stem (docs/method.md section 6).
   narrow_model, narrow_variables = pruning.prune_params(
-      model, variables, ratio, inputs=inputs, scope=scope, min_channels=min_channels,
+      model, variables, ratio, inputs=inputs, scope=scope, min_channels=min_channels, keep_groups=keep_groups,
       mac_reduction=mac_reduction, threshold=threshold, channel_multiple=channel_multiple,
       prune_streams=prune_streams, seconds=seconds,  # 'analysis', 'slicing', 'check'.
       flop_reduction=flop_reduction,
   )
   narrow_spec = {**spec, "pruned": getattr(narrow_model, "pruned_overrides", {})}
   with timed(seconds, "count"):
-    counts = _counts(model, variables, narrow_model, narrow_variables, inputs, prune_streams)
+    counts = _counts(model, variables, narrow_model, narrow_variables, inputs, prune_streams, keep_groups)
   report = {
       "source": os.fspath(source_dir), "source_step": source_step,
       "criterion": {"ratio": ratio, "mac_reduction": mac_reduction if flop_reduction is None else flop_reduction,
@@ -106,12 +107,12 @@ def _read_source(source_dir, step: int | None, model_factory: str | None,
 
 
 def _counts(model: nn.Module, variables: Any, narrow_model: nn.Module, narrow_variables: Any, inputs: Any,
-            prune_streams: bool) -> dict[str, Any]:
+            prune_streams: bool, keep_groups: tuple[str, ...]) -> dict[str, Any]:
   """Parameters, MACs and the widths of the pruned groups before and after (one trace of each model), and the
   share of those groups' channels removed (beside the criterion's ratio: ties, min_channels and
   channel_multiple move it)."""
   wide, narrow = pruning.trace(model, variables, inputs), pruning.trace(narrow_model, narrow_variables, inputs)
-  before, after = ({g.name: g.size for g in pruning.criteria.selected(t.groups, prune_streams, False)}
+  before, after = ({g.name: g.size for g in pruning.criteria.selected(t.groups, prune_streams, False, keep_groups)}
                    for t in (wide, narrow))
   return {
       "params_before": pruning.count_params(variables),
