@@ -359,7 +359,10 @@ def main() -> None:
                lambda: bench_compile(args.quick))]
   for key, title, fn in sections:
     if key in only:
+      print(f"\n[{key}] {title}...", flush=True)
+      start = time.perf_counter()
       report["results"][key] = fn()
+      print(f"[{key}] done in {time.perf_counter() - start:.1f} s", flush=True)
       print_table(title, report["results"][key])
       sys.stdout.flush()
   report.update(kept_sections(pathlib.Path(args.out)))

@@ -1,8 +1,10 @@
 """Prune a saved checkpoint from the command line into a new, self-contained checkpoint.
 
     python -m receding_jax.prune_checkpoint --checkpoint_dir=RUN/checkpoints --output_dir=RUN/pruned50 \\
-        --ratio=0.5 [--scope=global] [--min_channels=3] [--step=N]
+        --ratio=0.5 [--scope=global] [--min_channels=3] [--step=best|latest|N]
 
+--step: best (default; the highest validation accuracy the run logged among the kept steps, as the pipeline
+prunes, the newest where it logged none), latest, or a step number; the console says which step and why.
 Instead of --ratio: --mac_reduction=0.7 or --threshold=0.01. A model outside the zoo is named by its
 factory: --model=my_package.nets:make_net (a function returning the Linen module; give
 --input_shape=32,32,3 unless the module has an input_shape attribute). --prune_streams also prunes residual
@@ -19,7 +21,7 @@ import argparse
 
 from receding_jax import compile_clock, pruning
 from receding_jax.errors import InputError
-from receding_jax.training import console
+from receding_jax.training import console, evaluation
 from receding_jax.training.pruned_checkpoint import format_report, prune_checkpoint
 
 
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint_dir", required=True)
   parser.add_argument("--output_dir", required=True)
-  parser.add_argument("--step", type=int, default=None)
+  parser.add_argument("--step", default="best", help="best (default), latest or a step number")
   criterion = parser.add_mutually_exclusive_group(required=True)
   criterion.add_argument("--ratio", type=float)
   criterion.add_argument("--mac_reduction", "--flop_reduction", dest="mac_reduction", type=float,
@@ -53,9 +55,11 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--input_shape", default=None, help="one input's shape without batch, e.g. 32,32,3")
   args = parser.parse_args(argv)
   try:
+    step, why = evaluation.choose_step(args.checkpoint_dir, args.step)
+    print(f"pruning step {step} of {args.checkpoint_dir}: {why}", flush=True)
     with compile_clock.Clock() as clock:
       report = prune_checkpoint(
-          args.checkpoint_dir, args.output_dir, step=args.step, ratio=args.ratio, scope=args.scope,
+          args.checkpoint_dir, args.output_dir, step=step, ratio=args.ratio, scope=args.scope,
           min_channels=args.min_channels, mac_reduction=args.mac_reduction, threshold=args.threshold,
           channel_multiple=args.channel_multiple, prune_streams=args.prune_streams, model_factory=args.model,
           input_shape=_shape(args.input_shape),

@@ -1,7 +1,9 @@
 """The experiment pipeline: train -> prune -> fine-tune on the quickstart data, results, resumption, bad input."""
 
 import collections
+import contextlib
 import hashlib
+import io
 import json
 import shutil
 import time
@@ -11,7 +13,7 @@ from test_train import QUICKSTART, load_config
 
 from receding_jax import compile_clock
 from receding_jax.compare import main
-from receding_jax.training import checkpointing, experiment, plots
+from receding_jax.training import checkpointing, console, experiment, loop, plots
 from receding_jax.training.config import ConfigError, validate_config
 
 
@@ -26,13 +28,15 @@ def small_pipeline_config():
 #: The jitted functions of a run, by the name compile_clock reports them under.
 RUN_FUNCTIONS = ("init_state", "start_state", "train_chunk", "eval_chunk")
 PIPELINE_COMPILES = collections.Counter()  # What the module's pipeline run compiled, by function.
+PIPELINE_OUTPUT = io.StringIO()  # What it printed.
 
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("pipeline")
   before = compile_clock.compile_counts()
-  results = experiment.run(small_pipeline_config(), str(workdir))
+  with contextlib.redirect_stdout(PIPELINE_OUTPUT):
+    results = experiment.run(small_pipeline_config(), str(workdir))
   PIPELINE_COMPILES.update(compile_clock.compile_counts() - before)
   return workdir, results
 
@@ -254,3 +258,110 @@ def test_seeds_of_one_config_aggregate_to_mean_and_std(tmp_path):
   with pytest.raises(ValueError, match=r"differ in \['optim\.num_epochs'\]"):
     main(["--workdirs", f"{dirs[0]},{other}", "--labels", "rni,rni", "--output_dir", str(tmp_path / "cmp3")])
   assert not (tmp_path / "cmp3").exists()
+
+
+def test_evaluate_reproduces_the_recorded_accuracy_params_and_macs_of_trained_and_pruned(pipeline_run, tmp_path,
+                                                                                        capsys):
+  from receding_jax.evaluate import main as evaluate_main
+
+  workdir, results = pipeline_run
+  trained, pruned = results["trained"], results["ratios"]["0.5"]["pruned"]
+  report = pruned["report"]
+  evaluate_main(["--checkpoint_dir", str(workdir / "checkpoints"), "--output_json", str(tmp_path / "trained.json")])
+  printed = capsys.readouterr().out
+  assert f"evaluating step {trained['step']} of {workdir / 'checkpoints'}: the best validation accuracy" in printed
+  assert "| split | examples | accuracy | loss | parameters | MACs (one input) |" in printed
+  got = json.loads((tmp_path / "trained.json").read_text())
+  assert (got["split"], got["step"], got["accuracy"]) == ("test", trained["step"], trained["test_accuracy"])
+  assert (got["params"], got["macs"]) == (report["params_before"], report["macs_before"])
+  assert got["config"] == str(workdir / "config.json")
+  evaluate_main(["--checkpoint_dir", str(workdir / "pruned_0.5" / "pruned"), "--split", "validation",
+                 "--output_json", str(tmp_path / "pruned.json")])
+  got = json.loads((tmp_path / "pruned.json").read_text())
+  assert (got["split"], got["step"], got["accuracy"]) == ("validation", 0, pruned["validation_accuracy"])
+  assert (got["params"], got["macs"]) == (report["params_after"], report["macs_after"])
+  assert f"| validation | {got['examples']:,} | {pruned['validation_accuracy']:.4f} |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--split", "dev", "--split must be one of train, validation, test, got 'dev'"),
+    ("--step", "first", "--step must be best, latest or a step number, got 'first'"),
+    ("--step", "7", "no checkpoint step 7 in "),
+])
+def test_evaluate_refuses_a_bad_split_or_step_in_one_line(pipeline_run, capsys, flag, value, message):
+  from receding_jax.evaluate import main as evaluate_main
+
+  workdir, _ = pipeline_run
+  with pytest.raises(SystemExit) as exit_info:
+    evaluate_main(["--checkpoint_dir", str(workdir / "checkpoints"), flag, value])
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_prune_checkpoint_prunes_the_best_validation_step_by_default_and_says_so(pipeline_run, tmp_path, capsys):
+  from receding_jax.prune_checkpoint import main as prune_main
+
+  workdir, results = pipeline_run
+  step = results["trained"]["step"]
+  prune_main(["--checkpoint_dir", str(workdir / "checkpoints"), "--output_dir", str(tmp_path / "p"), "--ratio", "0.5"])
+  printed = capsys.readouterr().out
+  assert f"pruning step {step} of {workdir / 'checkpoints'}: the best validation accuracy (" in printed
+  report = json.loads((tmp_path / "p" / "pruning_report.json").read_text())
+  assert report["source_step"] == step == results["ratios"]["0.5"]["pruned"]["report"]["source_step"]
+  assert report["params_after"] == results["ratios"]["0.5"]["pruned"]["report"]["params_after"]
+
+
+def test_the_console_says_what_each_phase_does_and_ends_naming_the_outputs(pipeline_run):
+  workdir, results = pipeline_run
+  lines = PIPELINE_OUTPUT.getvalue().splitlines()
+  assert "train: 3 epochs, penalty rni..." in lines
+  assert ("prune 0.5: one-shot at 50%: read, analysis (importances, coupled groups, criterion), slicing, "
+          "check of the narrow network, count, save...") in lines
+  assert "fine-tune 0.5: fine-tune 1 of 1 (pruned 0.5), 2 epochs without penalty..." in lines
+  # The fine-tune's plan line names it; the trained run's does not.
+  plans = [x for x in lines if "steps/epoch x" in x]
+  assert len(plans) == 2 and plans[0].startswith("cifar_resnet20 (")
+  assert plans[1].startswith("fine-tune 1 of 1 (pruned 0.5): cifar_resnet20 (") and "x 2 epochs" in plans[1]
+  assert lines[-1] == console.outputs_line(str(workdir))
+  assert lines[-1].startswith(f"results: {workdir}/results.md") and (workdir / "results.md").exists()
+  assert f"plots: {workdir}/plots/;" in lines[-1] and any((workdir / "plots").iterdir())
+  assert f"tensorboard --logdir {workdir} " in lines[-1] and list(workdir.rglob("events.out.tfevents*"))
+  assert results["warnings"] == [] and not any(x.startswith("warning:") for x in lines)
+
+
+#: (validation accuracy, mean importance) of epochs 1-7 of the quickstart under L1 (batch norms) at strength
+#: 0.02: at chance for epochs 4-6 while its importances collapse.
+L1_QUICKSTART = [(0.813, 0.892), (0.873, 0.728), (0.503, 0.554), (0.113, 0.380), (0.103, 0.214), (0.103, 0.094),
+                 (0.883, 0.111)]
+
+
+def epoch_lines(history):
+  return [{"epoch": i, "step": 18 * i, "train_loss": 0.1, "train_accuracy": 0.99, "train_penalty": 1.0,
+           "learning_rate": 0.05, "validation_accuracy": acc, "importance_mean": mean,
+           "importance_fraction_below_0.05": 0.0, "importance_fraction_above_0.5": 0.0, "epoch_seconds": 0.3}
+          for i, (acc, mean) in enumerate(history, 1)]
+
+
+def test_a_run_at_chance_with_collapsing_importances_is_warned_of_naming_the_key():
+  epochs = epoch_lines(L1_QUICKSTART)
+  warning = console.collapse_warning(epochs, 10, "l1")
+  assert warning.startswith("warning: validation accuracy at chance (1/10) for epochs 4-6 (0.11, 0.10, 0.10)")
+  assert warning.endswith("mean importance fell from 0.89 to 0.09: the l1 penalty is too strong for this "
+                          "schedule; lower penalty.strength")
+  assert "penalty.relative_to_paper" in console.collapse_warning(epochs, 10, "l1", relative_to_paper=True)
+  assert console.collapse_warning(epochs[:5], 10, "l1") is None  # Two epochs at chance only.
+  assert console.collapse_warning(epochs, 10, "none") is None  # A fine-tune: no penalty to lower.
+  assert console.collapse_warning(epoch_lines([(0.1, 0.9)] * 5), 10, "l1") is None  # Importances intact.
+  table = experiment.results_table({"trained": {}, "ratios": {}, "warnings": [warning]})
+  assert f"**W{warning[1:]}**" in table.splitlines()
+
+
+def test_the_loop_prints_the_collapse_warning_once_where_it_first_holds(tmp_path, capsys):
+  config = load_config(QUICKSTART)
+  config.penalty.kind, config.model.norm = "l1", "batch"
+  for line in epoch_lines(L1_QUICKSTART):
+    plots.wd.append_metrics(tmp_path, line)
+    loop._report_epoch(config, str(tmp_path), line, 1.0, line["epoch"])
+  out = capsys.readouterr().out.splitlines()
+  warnings = [i for i, x in enumerate(out) if x.startswith("warning:")]
+  assert len(warnings) == 1 and out[warnings[0] - 1].startswith("epoch 6/15 ")

@@ -7,10 +7,13 @@ import importlib.util
 import json
 import os
 import re
+import shutil
+import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,7 +21,7 @@ from flax import nnx
 from receding_jax import BoundedScaleNorm, NnxBoundedScaleNorm, deploy, prune_params
 from receding_jax.deploy import litert, stablehlo
 from receding_jax.export import main as export_main
-from receding_jax.training import checkpointing, model_specs
+from receding_jax.training import augment, checkpointing, model_specs
 from receding_jax.training.pruned_checkpoint import prune_checkpoint
 
 
@@ -167,6 +170,9 @@ def test_the_command_exports_a_pruned_checkpoint_that_matches_it(runs, tmp_path,
   report = json.loads((tmp_path / "deploy" / "export_report.json").read_text())
   assert report["model_spec"]["pruned"] == spec["pruned"] and report["source_step"] == 0
   assert len(report["folding"]["folded"]) == 19 and not report["folding"]["unfolded"]  # Every norm of ResNet-20.
+  # No config.json beside or above the checkpoint, no --mean/--std: the report says what it cannot know.
+  assert report["preprocessing"]["normalisation"] == "unknown" and report["preprocessing"]["input_dtype"] == "float32"
+  assert report["preprocessing"]["num_classes"] == 10 and report["preprocessing"]["input_shape"] == [32, 32, 3]
   x = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)
   expected = narrow.apply({"params": state["params"], "batch_stats": state["batch_stats"]}, x)
   got = stablehlo.run_stablehlo((tmp_path / "deploy" / "model.stablehlo").read_bytes(), x)
@@ -180,6 +186,12 @@ def test_the_command_exports_a_pruned_checkpoint_that_matches_it(runs, tmp_path,
     (["--checkpoint_dir", "{runs}/run", "--output_dir", "{tmp}/out", "--format", "onnx"], "unknown export format"),
     (["--checkpoint_dir", "{runs}/odd", "--output_dir", "{tmp}/out", "--format", "stablehlo"],
      "unknown model 'resnet_unknown'"),
+    (["--checkpoint_dir", "{runs}/run", "--output_dir", "{tmp}/out", "--format", "stablehlo",
+      "--include_preprocessing"], "include_preprocessing needs the normalisation.*pass --mean and --std"),
+    (["--checkpoint_dir", "{runs}/run", "--output_dir", "{tmp}/out", "--format", "stablehlo", "--mean", "0.5"],
+     "give both --mean and --std"),
+    (["--checkpoint_dir", "{runs}/run", "--output_dir", "{tmp}/out", "--format", "stablehlo", "--mean", "0.5,0.5",
+      "--std", "0.2,0.2"], r"mean \(0.5, 0.5\) has 2 values; the model's input has 3 channels"),
 ])
 def test_the_command_refuses_bad_input_in_one_line_before_writing(runs, tmp_path, capsys, argv, message):
   before = sorted(os.listdir(tmp_path)), sorted(os.listdir(runs / "pruned"))
@@ -192,13 +204,51 @@ def test_the_command_refuses_bad_input_in_one_line_before_writing(runs, tmp_path
   assert (sorted(os.listdir(tmp_path)), sorted(os.listdir(runs / "pruned"))) == before
 
 
+def test_the_command_folds_the_runs_normalisation_into_a_model_of_raw_uint8_images(runs, tmp_path, capsys):
+  workdir = tmp_path / "work"  # A run's layout: WORKDIR/config.json, WORKDIR/pruned_0.5/pruned.
+  shutil.copytree(runs / "pruned", workdir / "pruned_0.5" / "pruned")
+  dataset = {"image_size": 32, "augment": "none", "mean": [0.3, 0.45, 0.5], "std": [0.4, 0.25, 0.2]}
+  (workdir / "config.json").write_text(json.dumps({"seed": 0, "dataset": dataset}))
+  export_main(["--checkpoint_dir", str(workdir / "pruned_0.5" / "pruned"), "--output_dir", str(tmp_path / "deploy"),
+               "--format", "stablehlo", "--include_preprocessing"])
+  assert "raw uint8 pixels" in capsys.readouterr().out
+  report = json.loads((tmp_path / "deploy" / "export_report.json").read_text())
+  assert report["preprocessing"]["normalisation"] == {
+      "mean": [0.3, 0.45, 0.5], "std": [0.4, 0.25, 0.2], "source": str(workdir / "config.json")}
+  assert report["preprocessing"]["input_dtype"] == "uint8" and report["preprocessing"]["included"]
+  exported = jax.export.deserialize(bytearray((tmp_path / "deploy" / "model.stablehlo").read_bytes()))
+  assert exported.in_avals[0].dtype == jnp.uint8
+  raw = np.random.default_rng(5).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+  pipeline = augment.Preprocessing.from_config(ml_collections.ConfigDict({"dataset": dataset}))
+  state, spec = checkpointing.restore(checkpointing.make_manager(runs / "pruned", create=False))
+  expected = model_specs.build_model(spec).apply({"params": state["params"], "batch_stats": state["batch_stats"]},
+                                                 pipeline.normalize(raw))
+  np.testing.assert_allclose(exported.call(raw), expected, rtol=0, atol=1e-4 * float(np.abs(expected).max()))
+
+
+def test_a_missing_converter_points_to_the_stablehlo_format(runs, tmp_path, capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow", None)  # As without the [export] extra.
+  with pytest.raises(SystemExit) as exit_info:
+    export_main(["--checkpoint_dir", str(runs / "run"), "--output_dir", str(tmp_path / "out")])
+  error = capsys.readouterr().err.strip()
+  assert exit_info.value.code == 2 and error.count("\n") == 0 and "--format=stablehlo" in error
+  assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.export
-def test_tflite_export_of_a_pruned_checkpoint_runs_in_litert_with_builtin_ops_only(runs, tmp_path):
+def test_tflite_export_of_a_pruned_checkpoint_runs_in_litert_with_builtin_ops_only(runs, tmp_path, capfd):
   from ai_edge_litert.interpreter import Interpreter
 
   export_main(["--checkpoint_dir", str(runs / "pruned"), "--output_dir", str(tmp_path / "pruned"), "--format",
                "tflite", "--quantize", "float16,int8", "--tflite_batch", "2"])
-  export_main(["--checkpoint_dir", str(runs / "run"), "--output_dir", str(tmp_path / "full"), "--format", "tflite"])
+  export_main(["--checkpoint_dir", str(runs / "run"), "--output_dir", str(tmp_path / "full"), "--format", "tflite",
+               "--include_preprocessing", "--mean", "0.5", "--std", "0.25"])
+  assert capfd.readouterr().err == ""  # No converter or TensorFlow log lines.
+  full = json.loads((tmp_path / "full" / "export_report.json").read_text())
+  assert full["preprocessing"]["normalisation"] == {"mean": [0.5], "std": [0.25], "source": "given (--mean, --std)"}
+  assert full["files"]["model.tflite"]["held_to_tolerance"]  # Verified on uint8 images against the JAX model.
+  full_input = Interpreter(model_path=str(tmp_path / "full" / "model.tflite")).get_input_details()[0]
+  assert full_input["dtype"] == np.uint8 and list(full_input["shape"]) == [1, 32, 32, 3]
   report = json.loads((tmp_path / "pruned" / "export_report.json").read_text())
   assert sorted(report["files"]) == ["model.tflite", "model_float16.tflite", "model_int8.tflite"]
   main = report["files"]["model.tflite"]

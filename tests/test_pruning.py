@@ -659,3 +659,22 @@ def test_the_check_compares_infinities_and_skips_what_the_reference_leaves_undef
   assert difference(np.array([np.nan, 1.0]), np.array([2.0, 1.0])) == np.inf
   assert difference(np.array([-np.inf, 0.0]), np.array([np.inf, 0.0])) == np.inf
   assert difference(np.array([1.0, 2.5]), np.array([1.0, 2.0])) == 0.5
+
+
+def test_best_step_is_the_logged_best_validation_accuracy_else_the_newest_and_says_why(tmp_path, capsys):
+  from receding_jax.prune_checkpoint import main
+  from receding_jax.training.evaluation import choose_step
+
+  spec = {"name": "cifar_vgg16", "num_classes": 10, "norm": "bounded", "overrides": {"width_multiplier": 0.125}}
+  model = model_from_spec(spec)
+  _save_run(tmp_path / "checkpoints", model, spec, recede(model, trained_looking(model))[0], steps=(1, 2, 3))
+  step, why = choose_step(tmp_path / "checkpoints", "best")  # No metrics.jsonl: the newest, and why.
+  assert step == 3 and "recorded no validation accuracy" in why and "falls back to the latest" in why
+  lines = [{"epoch": e, "step": e, "validation_accuracy": a} for e, a in ((1, 0.9), (2, 0.75), (3, 0.5))]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+  assert choose_step(tmp_path / "checkpoints", "latest")[0] == 3
+  main(["--checkpoint_dir", str(tmp_path / "checkpoints"), "--output_dir", str(tmp_path / "pruned"), "--ratio", "0.5"])
+  printed = capsys.readouterr().out  # Step 1 (the best logged) is no longer kept: the manager keeps the last 2.
+  assert (f"pruning step 2 of {tmp_path / 'checkpoints'}: the best validation accuracy (0.7500, epoch 2) among kept "
+          "steps [2, 3]") in printed
+  assert json.loads((tmp_path / "pruned" / "pruning_report.json").read_text())["source_step"] == 2

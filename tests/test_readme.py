@@ -62,9 +62,12 @@ def test_readme_block_runs(line, code):
     assert ns["narrow_nnx"].conv.kernel[...].shape == (3, 3, 3, 8) and ns["nnx_model"].conv.kernel[...].shape[-1] == 16
     assert "stream" in printed and "an axis of the model's input" in printed
   if "exported" in ns:  # The deploy example: all 19 norms folded, the file runs batch 5 and matches the model.
-    count, error = printed.split(" norms folded;")
+    folded, raw = printed.strip().split("\n")
+    count, error = folded.split(" norms folded;")
     largest = float(np.abs(ns["narrow_model"].apply(ns["narrow_vars"], ns["x"])).max())
     assert int(count) == 19 and float(error) < 1e-4 * largest
+    # The same model taking raw uint8 images, normalisation folded in, matches it on the normalised images.
+    assert ns["raw_model"].in_avals[0].dtype == np.uint8 and float(raw.split("raw images:")[1]) < 1e-4 * largest
     return
   if "narrow_model" in ns:  # The pruning example: narrower, smaller, and its state fits its variables.
     model, narrow_model = ns["model"], ns["narrow_model"]

@@ -103,13 +103,20 @@ def test_a_workdir_holding_another_configs_run_is_refused_untouched(quickstart_r
   assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
 
 
-def test_a_workdir_recorded_with_a_since_retired_key_still_resumes(tmp_path):
+def test_a_workdir_recorded_with_a_since_retired_or_since_added_key_still_resumes(tmp_path):
   config = load_config(QUICKSTART)
   workdir_files.check_config(tmp_path, config)  # Records config.json.
   recorded = json.loads((tmp_path / "config.json").read_text())
   recorded["dataset"]["shuffle_buffer"] = 50_000  # What a run recorded before the key was retired.
   (tmp_path / "config.json").write_text(json.dumps(recorded))
   workdir_files.check_config(tmp_path, config)  # Accepted: the key no longer exists.
+  del recorded["dataset"]["archive"], recorded["model"]["compute_dtype"]  # Recorded before these keys existed.
+  (tmp_path / "config.json").write_text(json.dumps(recorded))
+  workdir_files.check_config(tmp_path, config)  # Accepted: they meant their defaults.
+  config.model.compute_dtype = "bfloat16"  # Not the default: another network than the one recorded.
+  with pytest.raises(ValueError, match=r"model\.compute_dtype: 'float32' \(recorded\) vs 'bfloat16' \(now\)"):
+    workdir_files.check_config(tmp_path, config)
+  config.model.compute_dtype = "float32"
   recorded["dataset"]["validation_seed"] += 1  # A key that does exist still counts.
   (tmp_path / "config.json").write_text(json.dumps(recorded))
   with pytest.raises(ValueError, match=r"another config.*dataset"):
@@ -169,6 +176,9 @@ def test_command_line_reports_missing_data_and_a_workdir_without_training_in_one
   for config, flags, line in [
       (folder_config, [f"--config.dataset.folder={tmp_path / 'nowhere'}"],
        f"error: dataset.folder = '{tmp_path / 'nowhere'}' has no images of the split(s) ['train', 'test']"),
+      (folder_config, [f"--config.dataset.archive={tmp_path / 'nowhere.tar.gz'}"],
+       f"error: dataset.archive = '{tmp_path / 'nowhere.tar.gz'}' is not a file: set it to the dataset's .tar.gz "
+       "with --config.dataset.archive=PATH"),
       (QUICKSTART, ["--config.phases=('prune',)"], f"error: workdir {tmp_path / 'run'} holds no trained run"),
   ]:
     result = run_main(tmp_path / "run", *flags, check=False, config=config)

@@ -9,6 +9,7 @@ file is made or run.
 from receding_jax.deploy.folding import Folding, find_folds, fold_variables, folded_function
 from receding_jax.deploy.litert import MissingExportTools
 from receding_jax.deploy.model_export import FORMATS, TOLERANCE, ExportVerificationError, export_model
+from receding_jax.deploy.preprocessing import Normalisation
 
 __all__ = [
     "FORMATS",
@@ -16,6 +17,7 @@ __all__ = [
     "ExportVerificationError",
     "Folding",
     "MissingExportTools",
+    "Normalisation",
     "export_model",
     "find_folds",
     "fold_variables",

@@ -9,8 +9,12 @@ broadcast op that XNNPACK cannot fuse into the convolution (VGG-16 batch 1 on 1 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable, Sequence
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,16 +23,40 @@ from receding_jax.errors import InputError
 
 #: Post-training variants: weights stored in float16, or int8 with dynamic-range activations.
 QUANTIZATIONS = ("float16", "int8")
-INSTALL_HINT = "pip install -e '.[export]' (TensorFlow and ai-edge-litert)"
+INSTALL_HINT = ("pip install -e '.[export]' (TensorFlow and ai-edge-litert), or export --format=stablehlo "
+                "(formats=('stablehlo',)), which needs neither")
 
 
 class MissingExportTools(ImportError):
   """The `[export]` extra is not installed."""
 
 
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+  """Swallows what is written to the process's stderr (file descriptor 2: TensorFlow's and the converter's
+  C++ log lines, which no logging setting reaches before absl is initialised) while the block runs; if the
+  block raises, what it wrote is written back first, so a real failure keeps its messages."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as sink:
+    os.dup2(sink.fileno(), 2)
+    try:
+      yield
+    except BaseException:
+      os.dup2(saved, 2)
+      sink.seek(0)
+      sys.stderr.write(sink.read().decode(errors="replace"))
+      raise
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
 def _require(module: str) -> Any:
   try:
-    return importlib.import_module(module)
+    with quiet_stderr():  # TensorFlow's import logs oneDNN notices.
+      return importlib.import_module(module)
   except ImportError as e:
     raise MissingExportTools(f"the TFLite export needs {module.split('.')[0]}: {INSTALL_HINT}; {e}") from None
 
@@ -39,22 +67,25 @@ def require_export_tools() -> None:
   _require("ai_edge_litert.interpreter")
 
 
-def to_tflite(infer: Callable[[Any], Any], input_shape: Sequence[int], quantization: str | None = None) -> bytes:
-  """The TFLite flatbuffer of `infer` for float32 inputs of `input_shape` (batch included)."""
+def to_tflite(infer: Callable[[Any], Any], input_shape: Sequence[int], quantization: str | None = None,
+              dtype: Any = np.float32) -> bytes:
+  """The TFLite flatbuffer of `infer` for `dtype` (float32 or uint8) inputs of `input_shape` (batch
+  included). The converter's log lines are swallowed (`quiet_stderr`)."""
   if quantization not in (None, *QUANTIZATIONS):
     raise InputError(f"unknown quantization {quantization!r}; choose from {QUANTIZATIONS}")
   tf = _require("tensorflow")
   jax2tf = _require("jax.experimental.jax2tf")
   converted = jax2tf.convert(infer, with_gradient=False, native_serialization_platforms=("cpu",))
   function = tf.function(converted, autograph=False,
-                         input_signature=[tf.TensorSpec(tuple(input_shape), tf.float32)])
+                         input_signature=[tf.TensorSpec(tuple(input_shape), tf.as_dtype(np.dtype(dtype)))])
   converter = tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()], function)
   converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
   if quantization is not None:
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
   if quantization == "float16":
     converter.target_spec.supported_types = [tf.float16]
-  return bytes(converter.convert())
+  with quiet_stderr():
+    return bytes(converter.convert())
 
 
 def interpreter(model: bytes, num_threads: int = 1, delegate: bool = True) -> Any:
@@ -63,8 +94,10 @@ def interpreter(model: bytes, num_threads: int = 1, delegate: bool = True) -> An
   module = _require("ai_edge_litert.interpreter")
   resolver = (module.OpResolverType.AUTO if delegate else
               module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-  interp = module.Interpreter(model_content=model, num_threads=num_threads, experimental_op_resolver_type=resolver)
-  interp.allocate_tensors()
+  with quiet_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+    interp = module.Interpreter(model_content=model, num_threads=num_threads,
+                                experimental_op_resolver_type=resolver)
+    interp.allocate_tensors()
   return interp
 
 
@@ -87,7 +120,7 @@ def run_tflite(model: bytes, inputs: np.ndarray, num_threads: int = 1) -> np.nda
     raise ValueError(f"{len(inputs)} inputs are not a multiple of the model's batch {batch}")
   chunks = []
   for start in range(0, len(inputs), batch):
-    interp.set_tensor(source["index"], np.ascontiguousarray(inputs[start:start + batch], np.float32))
+    interp.set_tensor(source["index"], np.ascontiguousarray(inputs[start:start + batch], source["dtype"]))
     interp.invoke()
     chunks.append(np.array(interp.get_tensor(target["index"])))
   return np.concatenate(chunks)

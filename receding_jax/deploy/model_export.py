@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from receding_jax.deploy import folding, litert, stablehlo
+from receding_jax.deploy import preprocessing as prep
 from receding_jax.errors import InputError
 from receding_jax.pruning import models as pruning_models
 
@@ -43,8 +44,12 @@ class ExportVerificationError(ValueError):
 
 
 def check_request(output_dir: str | os.PathLike, formats: Sequence[str], quantize: Sequence[str],
-                  tflite_batch: int) -> None:
+                  tflite_batch: int, include_preprocessing: bool = False,
+                  normalisation: prep.Normalisation | None = None) -> None:
   """Raises (one line naming the bad value) for an unusable request; nothing is read or written."""
+  if include_preprocessing and normalisation is None:
+    raise InputError("include_preprocessing needs the normalisation, which is unknown: pass --mean and --std "
+                     "(or export a checkpoint inside its run's workdir, whose config.json has them)")
   if not formats or any(f not in FORMATS for f in formats):
     raise InputError(f"unknown export format in {','.join(formats) or '(none)'}; choose from {','.join(FORMATS)}")
   if any(q not in litert.QUANTIZATIONS for q in quantize):
@@ -95,23 +100,29 @@ def export_model(
     model: nn.Module | nnx.Module, variables: Mapping[str, Any] | None, output_dir: str | os.PathLike,
     formats: Sequence[str] = FORMATS, *, inputs: Any = None, apply_kwargs: Mapping[str, Any] | None = None,
     quantize: Sequence[str] = (), tflite_batch: int = 1, verify_examples: int = 8, seed: int = 0,
-    extra_report: Mapping[str, Any] | None = None,
+    extra_report: Mapping[str, Any] | None = None, normalisation: prep.Normalisation | None = None,
+    include_preprocessing: bool = False,
 ) -> dict[str, Any]:
   """Exports `model` with `variables` into the new folder `output_dir`; returns the report (also written).
 
   `inputs`: one example input or spec with its batch axis (default [1, *model.input_shape] float32).
   `apply_kwargs` adds to the keywords that put the model in inference mode (train=False, ...). An NNX
   model holds its variables (pass None) and runs in its `eval()` mode, without folding (see `nnx_inference`).
+  `normalisation` (the training pipeline's mean and std) goes into the report's ``preprocessing``; with
+  `include_preprocessing` the files take raw uint8 images and normalise them (`deploy.preprocessing`).
   Raises ExportVerificationError when an export is not faithful; then nothing is left on disk.
   """
   formats, quantize = tuple(formats), tuple(quantize)
-  check_request(output_dir, formats, quantize, tflite_batch)
+  check_request(output_dir, formats, quantize, tflite_batch, include_preprocessing, normalisation)
   specs = pruning_models.input_specs(model, inputs)
   if len(specs) != 1:
     raise InputError(f"export takes models with one input, this one has {len(specs)}")
   example_shape = tuple(specs[0].shape[1:])
+  if normalisation is not None:
+    normalisation.check_channels(example_shape[-1] if example_shape else 1)
   count = -(-verify_examples // tflite_batch) * tflite_batch
-  examples = np.random.default_rng(seed).normal(size=(count, *example_shape)).astype(np.float32)
+  raw, examples, verified_on = _verification_inputs(count, example_shape, seed, include_preprocessing and
+                                                    normalisation)
   if isinstance(model, nnx.Module):
     found, infer = NNX_FOLDING, nnx_inference(model)
     reference = run_checked(infer, examples)
@@ -123,14 +134,16 @@ def export_model(
   reference = np.asarray(reference)
   if not isinstance(model, nnx.Module):
     found, infer = _checked_folding(model, variables, specs, kwargs, examples, reference)
+  if include_preprocessing:
+    infer = prep.with_preprocessing(infer, normalisation)
+  described = prep.describe(example_shape, reference.shape[-1], normalisation, include_preprocessing)
   output = pathlib.Path(output_dir)
   output.parent.mkdir(parents=True, exist_ok=True)
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
   try:
-    files = _write_formats(staging, infer, formats, quantize, example_shape, tflite_batch, examples, reference)
+    files = _write_formats(staging, infer, formats, quantize, example_shape, tflite_batch, raw, reference)
     report = {**dict(extra_report or {}), "input_shape": list(example_shape), "tolerance": TOLERANCE,
-              "verified_on": f"{count} standard-normal inputs, seed {seed}", "folding": found.summary(),
-              "files": files}
+              "verified_on": verified_on, "folding": found.summary(), "files": files, "preprocessing": described}
     (staging / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     umask = os.umask(0)
     os.umask(umask)
@@ -140,6 +153,16 @@ def export_model(
     shutil.rmtree(staging, ignore_errors=True)
     raise
   return report
+
+
+def _verification_inputs(count: int, shape: tuple[int, ...], seed: int, normalisation: Any) -> tuple[Any, ...]:
+  """(the exported files' inputs, the model's inputs, how the report says so): standard-normal float32, or
+  with `normalisation` (preprocessing included) random uint8 images and their normalised float32."""
+  if not normalisation:
+    examples = np.random.default_rng(seed).normal(size=(count, *shape)).astype(np.float32)
+    return examples, examples, f"{count} standard-normal inputs, seed {seed}"
+  raw = prep.random_images(count, shape, seed)
+  return raw, np.asarray(normalisation.normalize(raw)), f"{count} uniform random uint8 images, seed {seed}"
 
 
 NNX_FOLDING = folding.Folding((), {("*",): "NNX models are exported unfolded: each norm stays a per-channel "
@@ -176,14 +199,14 @@ def _write_formats(folder: pathlib.Path, infer, formats, quantize, example_shape
   """Writes and verifies each requested file; returns {file name: its report entry}."""
   files: dict[str, dict[str, Any]] = {}
   if "stablehlo" in formats:
-    module = stablehlo.export_stablehlo(infer, example_shape)
+    module = stablehlo.export_stablehlo(infer, example_shape, dtype=examples.dtype)
     device = check_device()
     checks = [compare(stablehlo.run_stablehlo(module, examples[:n], device), reference[:n])
               for n in (len(examples), 1)]
     files["model.stablehlo"] = _verified("model.stablehlo", module, worst(checks), {"batch": "symbolic"})
   if "tflite" in formats:
     for quantization in (None, *quantize):
-      model = litert.to_tflite(infer, (tflite_batch, *example_shape), quantization)
+      model = litert.to_tflite(infer, (tflite_batch, *example_shape), quantization, dtype=examples.dtype)
       name = "model.tflite" if quantization is None else f"model_{quantization}.tflite"
       ops = litert.operators(model)
       if litert.non_builtin(ops):

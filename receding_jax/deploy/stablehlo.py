@@ -8,6 +8,7 @@ constants), lowered for CPU, CUDA and TPU at once, so one file runs wherever JAX
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +19,10 @@ PLATFORMS = ("cpu", "cuda", "tpu")
 
 
 def export_stablehlo(infer: Callable[[jax.Array], jax.Array], example_shape: Sequence[int],
-                     platforms: Sequence[str] = PLATFORMS) -> bytes:
-  """`infer` (one float32 input of shape [batch, *example_shape]) serialized with a symbolic batch axis."""
+                     platforms: Sequence[str] = PLATFORMS, dtype: Any = jnp.float32) -> bytes:
+  """`infer` (one `dtype` input of shape [batch, *example_shape]) serialized with a symbolic batch axis."""
   batch = jax.export.symbolic_shape("batch")[0]
-  spec = jax.ShapeDtypeStruct((batch, *example_shape), jnp.float32)
+  spec = jax.ShapeDtypeStruct((batch, *example_shape), dtype)
   exported = jax.export.export(jax.jit(infer), platforms=tuple(platforms))(spec)
   return bytes(exported.serialize())
 

@@ -9,6 +9,8 @@ naming it, before a dataset is opened or a workdir is touched.
 from __future__ import annotations
 
 import difflib
+import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,7 +38,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "cifar10"  # One of DATASETS; 'folder' reads `folder` with tfds.ImageFolder.
-  c.dataset.folder = ""  # Root of an image folder (train/<class>/*.jpg, test/<class>/*.jpg).
+  c.dataset.folder = ""  # Root of an image folder (train/<class>/*.jpg, test/<class>/*.jpg); '' = `archive`'s.
+  c.dataset.archive = ""  # A .tar.gz of an image folder, extracted once into a cache folder (training/archive.py).
+  c.dataset.archive_sha256 = ""  # The archive's expected sha256 ('' = not checked).
   c.dataset.data_dir = ""  # tfds data_dir ('' = tfds' default).
   c.dataset.train_split = "train"
   c.dataset.eval_split = "test"  # The test split: only reported, never used to choose anything.
@@ -187,7 +191,10 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
   """The dataset and data sections' values."""
   d = config.dataset
   _check(d.name in DATASETS, "dataset.name", d.name, f"one of {DATASETS}")
-  _check(d.name != "folder" or bool(d.folder), "dataset.folder", d.folder, "dataset 'folder' needs a folder")
+  _check(d.name != "folder" or bool(d.folder or d.archive), "dataset.folder", d.folder,
+         "dataset 'folder' needs a folder, or dataset.archive (a .tar.gz of one)")
+  _check(d.archive_sha256 == "" or re.fullmatch(r"[0-9a-fA-F]{64}", d.archive_sha256) is not None,
+         "dataset.archive_sha256", d.archive_sha256, "'' or 64 hexadecimal digits")
   _check(d.augment in AUGMENTATIONS, "dataset.augment", d.augment, f"one of {AUGMENTATIONS}")
   _check(d.num_classes >= 2, "dataset.num_classes", d.num_classes, "at least 2")
   _check(d.image_size >= 1, "dataset.image_size", d.image_size, "positive")
@@ -265,8 +272,12 @@ RUN_ONLY_KEYS = ("compilation_cache_dir",)
 
 def run_identity(saved: Mapping[str, Any]) -> dict[str, Any]:
   """What two configs (as JSON, e.g. recorded in a workdir) must agree on to be the same run: the config
-  without the `RETIRED_KEYS` and `RUN_ONLY_KEYS` it may hold."""
-  saved = {k: dict(v) if isinstance(v, Mapping) else v for k, v in saved.items() if k not in RUN_ONLY_KEYS}
+  without the `RETIRED_KEYS` and `RUN_ONLY_KEYS` it may hold, and with the default of every key added
+  since it was recorded (a key a workdir's config.json lacks meant what its default means)."""
+  defaults = json.loads(default_config().to_json_best_effort())
+  saved = {**defaults, **saved}
+  saved = {k: {**defaults[k], **v} if isinstance(v, Mapping) and isinstance(defaults.get(k), Mapping)
+           else dict(v) if isinstance(v, Mapping) else v for k, v in saved.items() if k not in RUN_ONLY_KEYS}
   for key in RETIRED_KEYS:
     section, name = key.split(".")
     if isinstance(saved.get(section), dict):

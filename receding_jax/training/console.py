@@ -71,3 +71,49 @@ def phase_line(record: Mapping[str, Any]) -> str:
   head += f" + run {record['run_seconds']:.1f} s"
   parts = record.get("parts", {})
   return head + ("; " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()) if parts else "")
+
+
+#: A penalised run has collapsed when this many evaluated epochs in a row sit at chance accuracy (at most
+#: 1/num_classes + CHANCE_MARGIN, on validation, else test) while its mean importance has fallen to at most
+#: COLLAPSED_MEAN of the first epoch's (an L1 quickstart at strength 0.02: validation 0.11, 0.10, 0.10 at
+#: epochs 4-6 while the mean importance fell 0.89 -> 0.38 -> 0.21 -> 0.09).
+COLLAPSE_EPOCHS = 3
+CHANCE_MARGIN = 0.05
+COLLAPSED_MEAN = 0.5
+
+
+def collapse_warning(epochs: list[Mapping[str, Any]], num_classes: int, penalty_kind: str,
+                     relative_to_paper: bool = False) -> str | None:
+  """The warning for a penalised run whose accuracy sits at chance (see COLLAPSE_EPOCHS) while its importances
+  collapse: the penalty strength is too high for the schedule; it names the key to lower. None otherwise
+  (also for an unpenalised run, e.g. a fine-tune). `epochs`: the epoch lines of metrics.jsonl, in order."""
+  if penalty_kind == "none":
+    return None
+  chance, streak = 1.0 / num_classes, []
+  start = epochs[0].get("importance_mean", 0.0) if epochs else 0.0
+  for e in epochs:
+    accuracy = _accuracy(e)
+    if accuracy is None:
+      continue  # Not evaluated that epoch.
+    streak = [*streak, e] if accuracy <= chance + CHANCE_MARGIN else []
+    mean = e.get("importance_mean", start)
+    if len(streak) >= COLLAPSE_EPOCHS and 0 < start and mean <= COLLAPSED_MEAN * start:
+      first, key = streak[0]["epoch"], "penalty.strength"
+      key += " (given relative to the paper's schedule: penalty.relative_to_paper)" if relative_to_paper else ""
+      split = "validation" if "validation_accuracy" in e else "test"
+      return (f"warning: {split} accuracy at chance (1/{num_classes}) for epochs {first}-{e['epoch']} "
+              f"({', '.join(f'{_accuracy(x):.2f}' for x in streak)}) while the mean importance fell from {start:.2f} "
+              f"to {mean:.2f}: the {penalty_kind} penalty is too strong for this schedule; lower {key}")
+  return None
+
+
+def _accuracy(epoch: Mapping[str, Any]) -> float | None:
+  """An epoch line's validation accuracy, else its test accuracy, else None (not evaluated)."""
+  return epoch.get("validation_accuracy", epoch.get("test_accuracy"))
+
+
+def outputs_line(workdir: str) -> str:
+  """The run's last line: where its results, plots and TensorBoard events are."""
+  w = workdir.rstrip("/")
+  return (f"results: {w}/results.md (and results.json); plots: {w}/plots/; TensorBoard: tensorboard --logdir {w} "
+          "(pip install tensorboard)")

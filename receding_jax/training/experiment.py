@@ -18,7 +18,16 @@ from typing import Any
 import ml_collections
 
 from receding_jax import compile_clock
-from receding_jax.training import checkpointing, compile_cache, console, loop, plots, splits, workdir_files
+from receding_jax.training import (
+    checkpointing,
+    compile_cache,
+    console,
+    evaluation,
+    loop,
+    plots,
+    splits,
+    workdir_files,
+)
 from receding_jax.training import workdir as wd
 from receding_jax.training.config import ConfigError, describe_differences, run_identity, validate_config
 from receding_jax.training.pruned_checkpoint import prune_checkpoint, report_macs
@@ -87,7 +96,7 @@ def chosen_epoch(config: ml_collections.ConfigDict, workdir: str, epochs: list[d
   candidates = [e for e in epochs if e["step"] in kept and "validation_accuracy" in e]
   if not candidates:
     raise FileNotFoundError(f"no kept checkpoint in {wd.checkpoint_dir(workdir)} has a validation accuracy")
-  return max(candidates, key=lambda e: (e["validation_accuracy"], e["step"]))
+  return _epoch_of_step(epochs, evaluation.choose_step(wd.checkpoint_dir(workdir), "best")[0])  # One owner.
 
 
 def check_later_phases(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -134,8 +143,10 @@ def prune_phase(config: ml_collections.ConfigDict, workdir: str, ratio: float, s
     report = timed_phase(workdir, f"prune {ratio:g}", lambda: prune_checkpoint(
         wd.checkpoint_dir(workdir), pruned_dir, step=step, ratio=ratio, scope=config.prune.scope,
         min_channels=config.prune.min_channels, channel_multiple=config.prune.channel_multiple,
-    ), parts=lambda r: r.get("seconds", {}))
-  accuracies = timed_phase(workdir, f"evaluate pruned {ratio:g}", lambda: evaluate_checkpoint(config, pruned_dir))
+    ), parts=lambda r: r.get("seconds", {}), what=f"one-shot at {ratio:.0%}: read, analysis (importances, "
+        "coupled groups, criterion), slicing, check of the narrow network, count, save")
+  accuracies = timed_phase(workdir, f"evaluate pruned {ratio:g}", lambda: evaluate_checkpoint(config, pruned_dir),
+                           what="its accuracy before fine-tuning")
   result = {**accuracies, "report": report, "prune_seconds": time.perf_counter() - start}
   wd.write_json(eval_path, result)
   return result
@@ -157,10 +168,12 @@ def _check_pruned_under(config: ml_collections.ConfigDict, step: int, report: Ma
 
 
 def finetune_phase(
-    config: ml_collections.ConfigDict, workdir: str, ratio: float, skip_damaged_checkpoints: bool = False
+    config: ml_collections.ConfigDict, workdir: str, ratio: float, skip_damaged_checkpoints: bool = False,
+    label: str = "",
 ) -> dict[str, Any]:
   """Fine-tunes the pruned network of `ratio` (resuming if interrupted); returns its final metrics, with
-  'finetune_seconds' (its epochs' wall times) and the paper's 'max_test_accuracy_over_epochs'."""
+  'finetune_seconds' (its epochs' wall times) and the paper's 'max_test_accuracy_over_epochs'. `label` heads
+  its plan line."""
   finetune_dir = os.fspath(wd.finetune_dir(workdir, ratio))
   manager = checkpointing.make_manager(wd.pruned_dir(workdir, ratio), create=False)
   state, spec = checkpointing.restore(manager)
@@ -168,7 +181,7 @@ def finetune_phase(
   summary = loop.train_and_evaluate(
       finetune_config(config), finetune_dir, spec=spec,
       init_variables={k: state[k] for k in ("params", "batch_stats")},
-      skip_damaged_checkpoints=skip_damaged_checkpoints,
+      skip_damaged_checkpoints=skip_damaged_checkpoints, label=label,
   )
   epochs = plots.read_epochs(finetune_dir)
   return {**summary, "finetune_seconds": plots.total_seconds(epochs),
@@ -196,6 +209,7 @@ def run(
   if workdir_files.agree(recorded is not None):
     print(f"{workdir} holds a finished run of this config; its recorded results:", flush=True)
     print(results_table(recorded), flush=True)
+    print(console.outputs_line(workdir), flush=True)
     return recorded
   splits.check_available(config)  # Before anything is written: the data, and the workdir's trained network.
   if "train" not in config.phases or wd.read_config(workdir) is not None:
@@ -206,16 +220,17 @@ def run(
   with workdir_files.hold(workdir):
     results = _run_phases(config, workdir, skip_damaged_checkpoints)
   print(results_table(results), flush=True)
+  print(console.outputs_line(workdir), flush=True)
   return results
 
 
 def timed_phase(workdir: str, phase: str, compute: Callable[[], Any],
-                parts: Callable[[Any], Mapping[str, float]] | None = None) -> Any:
-  """`compute()` under a `compile_clock.Clock`: says what starts, then prints the phase's line (wall time =
-  compile + run, the slowest compilations, and `parts(result)` where given) and appends it to the
-  workdir's metrics.jsonl as {'phase', 'seconds', 'compile_seconds', 'run_seconds', 'compiles', ...};
+                parts: Callable[[Any], Mapping[str, float]] | None = None, what: str = "") -> Any:
+  """`compute()` under a `compile_clock.Clock`: says what starts (and `what` it does), then prints the
+  phase's line (wall time = compile + run, the slowest compilations, and `parts(result)` where given) and
+  appends it to the workdir's metrics.jsonl as {'phase', 'seconds', 'compile_seconds', 'run_seconds', 'compiles', ...};
   returns what `compute` returned."""
-  print(f"{phase}...", flush=True)
+  print(f"{phase}: {what}..." if what else f"{phase}...", flush=True)
   with compile_clock.Clock() as clock:
     out = compute()
   record = {"phase": phase, **clock.as_dict()}
@@ -230,16 +245,21 @@ def _run_phases(config: ml_collections.ConfigDict, workdir: str, skip_damaged: b
   phases = tuple(config.phases)
   if "train" in phases:
     timed_phase(workdir, "train", lambda: loop.train_and_evaluate(config, workdir,
-                                                                  skip_damaged_checkpoints=skip_damaged))
-  trained = timed_phase(workdir, "evaluate trained", lambda: trained_network(config, workdir))
-  results: dict[str, Any] = {"trained": trained, "ratios": {}}
-  for ratio in config.prune.ratios:
+                                                                  skip_damaged_checkpoints=skip_damaged),
+                what=f"{config.optim.num_epochs} epochs, penalty {config.penalty.kind}")
+  trained = timed_phase(workdir, "evaluate trained", lambda: trained_network(config, workdir),
+                        what=f"the {config.prune.source} checkpoint, the one pruned")
+  results: dict[str, Any] = {"trained": trained, "ratios": {}, "warnings": _warnings(config, workdir)}
+  for k, ratio in enumerate(config.prune.ratios, 1):
     entry: dict[str, Any] = {}
     if "prune" in phases:
       entry["pruned"] = prune_phase(config, workdir, ratio, trained["step"])
     if "finetune" in phases:
-      entry["finetuned"] = timed_phase(workdir, f"fine-tune {ratio:g}",
-                                       lambda r=ratio: finetune_phase(config, workdir, r, skip_damaged))
+      title = f"fine-tune {k} of {len(config.prune.ratios)} (pruned {ratio:g})"
+      entry["finetuned"] = timed_phase(
+          workdir, f"fine-tune {ratio:g}",
+          lambda r=ratio, t=title: finetune_phase(config, workdir, r, skip_damaged, t + ": "),
+          what=f"{title}, {config.finetune.num_epochs} epochs without penalty")
     results["ratios"][f"{ratio:g}"] = entry
   results["config"] = json.loads(config.to_json_best_effort())
   results["phases"] = wd.read_phases(workdir)
@@ -248,6 +268,13 @@ def _run_phases(config: ml_collections.ConfigDict, workdir: str, skip_damaged: b
   wd.write_results(workdir, results, results_table(results))  # results.json last: marks the run finished.
   workdir_files.sync(f"results {workdir}")
   return wd.read_results(workdir)  # Process 0's, on every process.
+
+
+def _warnings(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """What results.json and results.md warn of: the trained run's collapse (`console.collapse_warning`)."""
+  warning = console.collapse_warning(plots.read_epochs(workdir), config.dataset.num_classes, config.penalty.kind,
+                                     config.penalty.relative_to_paper)
+  return [warning] if warning else []
 
 
 def _plot(workdir: str, phases: tuple[str, ...], results: dict[str, Any]) -> None:
@@ -282,6 +309,7 @@ def results_table(results: dict[str, Any]) -> str:
     which = {"last": "the last epoch", "best": "the best validation accuracy (ties: the later step)"}
     lines.append(f"Trained and pruned: the checkpoint of {which.get(trained['source'], trained['source'])}, "
                  f"epoch {trained['epoch']} (step {trained['step']}); train {trained['train_seconds']:.1f} s.")
+  lines += [f"\n**{w[0].upper()}{w[1:]}**" for w in results.get("warnings", [])]
   return "\n".join(lines)
 
 

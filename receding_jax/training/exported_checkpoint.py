@@ -4,6 +4,10 @@ norms folded, as StableHLO and/or TFLite files verified against the JAX model (`
 Used by ``python -m receding_jax.export``. Any checkpoint the project writes works: a run's
 ``checkpoints``, a fine-tune's, a pruned checkpoint (``pruned_<ratio>/pruned``), of a zoo model or of a
 factory named in its spec.
+
+The training pipeline's normalisation (``config.dataset.mean``/``std``) is not in the checkpoint: it is
+read from the run's ``config.json`` beside or above the checkpoint (``WORKDIR/checkpoints``,
+``WORKDIR/pruned_<ratio>/pruned``, a fine-tune's ``.../finetune/checkpoints``), or given explicitly.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import jax
 
 from receding_jax import deploy
 from receding_jax.deploy import model_export
+from receding_jax.deploy.preprocessing import Normalisation
 from receding_jax.errors import InputError
 from receding_jax.training import checkpointing, model_specs
 from receding_jax.training import workdir as wd
@@ -24,14 +29,19 @@ from receding_jax.training import workdir as wd
 def export_checkpoint(
     checkpoint_dir: wd.PathLike, output_dir: str | os.PathLike, formats: Sequence[str] = deploy.FORMATS, *,
     step: int | None = None, quantize: Sequence[str] = (), tflite_batch: int = 1,
+    mean: Sequence[float] | None = None, std: Sequence[float] | None = None, include_preprocessing: bool = False,
 ) -> dict[str, Any]:
   """Exports step `step` (default newest) of the checkpoint at `checkpoint_dir` into the new folder
   `output_dir`; returns the export report. Bad requests fail before the checkpoint is read, a checkpoint
-  whose spec names no model we can build fails before anything is written."""
+  whose spec names no model we can build fails before anything is written. `mean` and `std` (both or
+  neither) override the run's config.json; `include_preprocessing` needs one of them (`deploy.export_model`)."""
   model_export.check_request(output_dir, tuple(formats), tuple(quantize), tflite_batch)
   source_dir = wd.path(checkpoint_dir)
   if not source_dir.is_dir():
     raise FileNotFoundError(f"checkpoint_dir {checkpoint_dir} does not exist")
+  normalisation = find_normalisation(source_dir, mean, std)
+  model_export.check_request(output_dir, tuple(formats), tuple(quantize), tflite_batch, include_preprocessing,
+                             normalisation)
   state, spec, source_step = checkpointing.read_step(source_dir, step)
   spec = {**spec, "compute_dtype": "float32"} if "compute_dtype" in spec else spec
   try:
@@ -41,6 +51,23 @@ def export_checkpoint(
   variables = {k: jax.device_get(state[k]) for k in ("params", "batch_stats") if k in state}
   return deploy.export_model(
       model, variables, output_dir, formats, inputs=model_specs.example_inputs(spec), quantize=quantize,
-      tflite_batch=tflite_batch,
+      tflite_batch=tflite_batch, normalisation=normalisation, include_preprocessing=include_preprocessing,
       extra_report={"source": os.fspath(source_dir), "source_step": source_step, "model_spec": spec},
   )
+
+
+def find_normalisation(source_dir: wd.PathLike, mean: Sequence[float] | None = None,
+                       std: Sequence[float] | None = None) -> Normalisation | None:
+  """`mean` and `std` when given, else ``dataset.mean``/``std`` of the nearest ``config.json`` in the
+  checkpoint's parent or grandparent folder (its run's workdir), else None (unknown)."""
+  if (mean is None) != (std is None):
+    raise InputError("give both --mean and --std, or neither (then the run's config.json is read)")
+  if mean is not None:
+    return Normalisation(tuple(mean), tuple(std), "given (--mean, --std)")
+  here = wd.path(source_dir)
+  for workdir in (here.parent, here.parent.parent):
+    config = wd.read_config(workdir)
+    dataset = config.get("dataset") if isinstance(config, dict) else None
+    if isinstance(dataset, dict) and "mean" in dataset and "std" in dataset:
+      return Normalisation(tuple(dataset["mean"]), tuple(dataset["std"]), os.fspath(wd.config_path(workdir)))
+  return None

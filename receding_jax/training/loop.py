@@ -22,6 +22,7 @@ from receding_jax.training import (
     data,
     metric_writer,
     model_specs,
+    plots,
     splits,
     workdir,
     workdir_files,
@@ -54,10 +55,10 @@ def evaluate_feeds(trainer: Trainer, state: State, feeds: Mapping[str, data.Feed
 
 
 def evaluate_variables(config: ml_collections.ConfigDict, spec: Mapping[str, Any],
-                       variables: Mapping[str, Any]) -> dict[str, float]:
-  """{'params', 'batch_stats'} of the model of `spec` evaluated on the validation (if carved) and test
-  splits of `config`."""
-  roles = splits.evaluation_roles(config)
+                       variables: Mapping[str, Any], roles: tuple[str, ...] | None = None) -> dict[str, float]:
+  """{'params', 'batch_stats'} of the model of `spec` evaluated on the split `roles` of `config` (default:
+  the validation (if carved) and test splits)."""
+  roles = splits.evaluation_roles(config) if roles is None else tuple(roles)
   shards = data.load_splits(config, roles)
   placement = data.choose_placement(config, shards)
   mesh = make_mesh()
@@ -81,6 +82,7 @@ def train_and_evaluate(
     spec: Mapping[str, Any] | None = None,
     init_variables: Mapping[str, Any] | None = None,
     skip_damaged_checkpoints: bool = False,
+    label: str = "",
 ) -> dict[str, Any]:
   """Trains `config` in `workdir_path`, resuming from its newest checkpoint; returns the final metrics.
 
@@ -90,7 +92,8 @@ def train_and_evaluate(
   config's) and `init_variables` ({'params', 'batch_stats'} to start from, e.g. a pruned network's)
   serve fine-tuning; a resumed run takes its state from its own checkpoint. A damaged newest checkpoint
   stops the run (DamagedCheckpointError) unless `skip_damaged_checkpoints`, which resumes from the newest
-  readable one (see `resume`). The workdir is locked against other runs for the duration.
+  readable one (see `resume`). The workdir is locked against other runs for the duration. `label` heads
+  the run's plan line ('fine-tune 1 of 3 (pruned 0.3): ').
   """
   validate_config(config)
   _check_batch(config)
@@ -99,7 +102,7 @@ def train_and_evaluate(
   splits.check_available(config)
   with workdir_files.hold(workdir_path):
     workdir_files.check_config(workdir_path, config)
-    summary = _train_and_evaluate(config, workdir_path, spec, init_variables, skip_damaged_checkpoints)
+    summary = _train_and_evaluate(config, workdir_path, spec, init_variables, skip_damaged_checkpoints, label)
     workdir_files.sync(f"trained {workdir_path}")  # Every process may now read what process 0 wrote.
     return summary
 
@@ -147,7 +150,7 @@ def _start_state(trainer: Trainer, manager_factory, init_variables, skip_damaged
 
 def _train_and_evaluate(
     config: ml_collections.ConfigDict, workdir_path: str, spec: Mapping[str, Any] | None,
-    init_variables: Mapping[str, Any] | None, skip_damaged: bool,
+    init_variables: Mapping[str, Any] | None, skip_damaged: bool, label: str,
 ) -> dict[str, Any]:
   spec = dict(spec or model_spec(config))
   roles = splits.evaluation_roles(config)
@@ -173,7 +176,7 @@ def _train_and_evaluate(
   if start_epoch >= config.optim.num_epochs:
     manager.close()
     return _finished_metrics(workdir_path, trainer, state, start_epoch, eval_feeds)
-  print(console.run_line(config, spec, trainer, steps_per_epoch, placement), flush=True)
+  print(label + console.run_line(config, spec, trainer, steps_per_epoch, placement), flush=True)
   writer = metric_writer.open_writer(workdir_path, active=jax.process_index() == 0)
   schedule = learning_rate_schedule(config, steps_per_epoch)
   summary: dict[str, Any] = {}
@@ -199,11 +202,24 @@ def _train_and_evaluate(
     if (epoch + 1) % config.checkpoint.every_epochs == 0 or last:
       checkpointing.save(manager, step, state, spec,
                          metrics={"validation_accuracy": summary.get("validation_accuracy", 0.0)})
-    print(console.epoch_line(summary, config.optim.num_epochs, time.perf_counter() - run_start,
-                             epoch + 1 - start_epoch), flush=True)
+    _report_epoch(config, workdir_path, summary, time.perf_counter() - run_start, epoch + 1 - start_epoch)
   writer.close()
   manager.close()
   return summary
+
+
+def _report_epoch(config: ml_collections.ConfigDict, workdir_path: str, summary: Mapping[str, Any],
+                  elapsed: float, epochs_done: int) -> None:
+  """Prints the epoch's line, and on process 0 the collapse warning (`console.collapse_warning`, over the
+  epochs of metrics.jsonl) at the epoch where it first holds."""
+  print(console.epoch_line(summary, config.optim.num_epochs, elapsed, epochs_done), flush=True)
+  if jax.process_index() != 0:
+    return
+  epochs = plots.last_per_epoch(workdir.read_metrics(workdir_path))
+  warning = lambda lines: console.collapse_warning(lines, config.dataset.num_classes, config.penalty.kind,
+                                                   config.penalty.relative_to_paper)
+  if (message := warning(epochs)) is not None and warning(epochs[:-1]) is None:
+    print(message, flush=True)
 
 
 def _finished_metrics(workdir_path: str, trainer: Trainer, state: State, epoch: int,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -64,15 +65,19 @@ def importance_over_epochs(workdir: wd.PathLike, path: wd.PathLike) -> None:
 def accuracy_vs_ratio(
     groups: Mapping[str, Sequence[str]], path: wd.PathLike, metric: str = "test_accuracy",
     read: Callable[[str], dict] | None = None,
-) -> None:
-  """`metric` right after one-shot pruning (dashed) and after fine-tuning (solid) per ratio; mean over the
-  seeds of a label, their standard deviation as error bars. `read` gives a workdir's results (default: its
-  results.json)."""
+) -> Any:
+  """`metric` right after one-shot pruning (dashed, squares) and after fine-tuning (solid, circles) per
+  ratio, each in its own colour, and the trained (unpruned) network's as a dotted horizontal line; mean over
+  the seeds of a label, their standard deviation as error bars. `read` gives a workdir's results (default:
+  its results.json). Returns the figure (a `matplotlib.figure.Figure`)."""
   read = read or (lambda w: wd.read_results(w, required=True))
   fig, ax = _figure()
   for i, (label, workdirs) in enumerate(groups.items()):
     runs = [read(w) for w in workdirs]
-    for key, style in (("pruned", "--"), ("finetuned", "-")):
+    trained = [r["trained"][metric] for r in runs if metric in r.get("trained", {})]
+    if len(trained) == len(runs):  # The fine-tuned colour, dotted: what fine-tuning tries to get back to.
+      ax.axhline(mean_std(trained)[0] * 100, linestyle=":", color=f"C{2 * i}", label=f"{label} trained (unpruned)")
+    for key, style, marker, color in (("pruned", "--", "s", f"C{2 * i + 1}"), ("finetuned", "-", "o", f"C{2 * i}")):
       points = []
       for ratio in sorted(runs[0]["ratios"], key=float):
         values = [r["ratios"][ratio][key][metric] for r in runs if key in r["ratios"].get(ratio, {})]
@@ -80,11 +85,12 @@ def accuracy_vs_ratio(
           points.append((float(ratio), *mean_std(values)))
       if points:
         x, y, err = (np.asarray(v) * 100 for v in zip(*points, strict=True))
-        ax.errorbar(x, y, yerr=err if len(runs) > 1 else None, fmt=style, marker="o", color=f"C{i}", capsize=3,
+        ax.errorbar(x, y, yerr=err if len(runs) > 1 else None, fmt=style, marker=marker, color=color, capsize=3,
                     label=f"{label} {'fine-tuned' if key == 'finetuned' else 'pruned, no fine-tuning'}")
   ax.set(xlabel="channels pruned (%)", ylabel=f"{metric.replace('_', ' ')} (%)", title="accuracy vs pruning ratio")
   ax.legend(fontsize=7)
   _save(fig, path)
+  return fig
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -22,7 +22,7 @@ import numpy as np
 from receding_jax import pruning
 from receding_jax.compile_clock import timed
 from receding_jax.errors import InputError
-from receding_jax.training import checkpointing, model_specs, workdir_files
+from receding_jax.training import checkpointing, evaluation, model_specs, workdir_files
 from receding_jax.training import workdir as wd
 
 
@@ -30,7 +30,7 @@ def prune_checkpoint(
     checkpoint_dir: wd.PathLike,
     output_dir: wd.PathLike,
     *,
-    step: int | None = None,
+    step: int | str | None = None,
     ratio: float | None = None,
     scope: str = "global",
     min_channels: int = 3,
@@ -43,6 +43,9 @@ def prune_checkpoint(
     flop_reduction: float | None = None,
 ) -> dict[str, Any]:
   """Prunes the checkpoint at `checkpoint_dir` (step `step`, default newest) into `output_dir`.
+
+  `step`: a step number; None, the newest (as before); or 'best' / 'latest' (`evaluation.choose_step`, which
+  the command line defaults to 'best'), whose reason the report records as 'source_step_reason'.
 
   `model_factory` ('module:function', returning a Linen module) builds the model instead of the checkpoint's
   own spec (a model outside the zoo); `input_shape` (one input, no batch axis) is the shape pruning traces
@@ -59,6 +62,9 @@ def prune_checkpoint(
     raise FileNotFoundError(f"checkpoint_dir {checkpoint_dir} does not exist")
   if model_factory is not None:
     model_specs.import_factory(model_factory)  # A bad name fails before the checkpoint is read.
+  reason = None
+  if isinstance(step, str):
+    step, reason = evaluation.choose_step(source_dir, step)
   seconds: dict[str, float] = {}
   with timed(seconds, "read"):
     state, spec, source_step = _read_source(source_dir, step, model_factory, input_shape)
@@ -83,6 +89,8 @@ def prune_checkpoint(
                     "prune_streams": prune_streams},
       **counts,
   }
+  if reason is not None:
+    report["source_step_reason"] = reason
   workdir_files.sync(f"checked {output}")  # No process may see another's new output_dir as taken.
   with timed(seconds, "save"):
     target = checkpointing.make_manager(output)

@@ -4,7 +4,8 @@
 ``{'image': uint8 [H, W, C] array or encoded PNG/JPEG bytes, 'label': int}``) and its sizes. Sources:
 
 - ``digits``: scikit-learn's embedded 8x8 digits; the first `DIGITS_TRAIN` train, the rest test.
-- ``folder``: ``folder/<split>/<class>/*.{png,jpg,jpeg}``; class ids are the class folders (of all splits)
+- ``folder``: ``folder/<split>/<class>/*.{png,jpg,jpeg}`` (``folder`` '': the extraction of ``archive``, see
+  `archive`); class ids are the class folders (of all splits)
   sorted by name, as in ``tfds.ImageFolder``; files are read in sorted order and decoded by Pillow.
 - any other name: a tfds dataset, prepared as ArrayRecord (through ``tfds.data_source``) or as TFRecord,
   tfds' default (`tfrecord`: the files indexed once, then read by position). Either gives the same
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import pathlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -34,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from receding_jax.errors import InputError
-from receding_jax.training import augment, tfrecord
+from receding_jax.training import archive, augment, tfrecord
 from receding_jax.training.config import ConfigError
 
 ROLES = ("train", "validation", "test")
@@ -148,13 +150,16 @@ def _has_images(split_dir: pathlib.Path) -> bool:
 
 
 def check_available(config: ml_collections.ConfigDict) -> None:
-  """Raises DataNotFoundError, naming the config key, the path and what to do, unless the splits the run
-  reads exist; cheap (nothing is decoded), so a run calls it before it writes anything."""
+  """Raises DataNotFoundError (or archive.ArchiveError), naming the config key, the path and what to do,
+  unless the splits the run reads exist; cheap (nothing is decoded, but a folder's ``dataset.archive`` is
+  extracted the first time, see `archive`), so a run calls it before it writes anything."""
   d = config.dataset
   if d.name == "folder":
-    missing = [s for s in dict.fromkeys((d.train_split, d.eval_split)) if not _has_images(pathlib.Path(d.folder) / s)]
+    root, key = (d.folder, "dataset.folder") if d.folder or not d.archive else (
+        os.fspath(archive.ensure_extracted(d)), "the extraction of dataset.archive")
+    missing = [s for s in dict.fromkeys((d.train_split, d.eval_split)) if not _has_images(pathlib.Path(root) / s)]
     if missing:
-      raise DataNotFoundError(f"dataset.folder = {d.folder!r} has no images of the split(s) {missing}: it must "
+      raise DataNotFoundError(f"{key} = {root!r} has no images of the split(s) {missing}: it must "
                               "hold <split>/<class>/*.jpg (or .png); extract or point it at the dataset")
   elif d.name != "digits":
     import tensorflow_datasets as tfds
@@ -256,7 +261,7 @@ def load_split(config: ml_collections.ConfigDict, role: str, process_index: int,
     images, labels = _digits(split)
     base = ArraySource(images, labels)
   else:
-    base = _folder(config.dataset.folder, split)
+    base = _folder(archive.folder(config.dataset), split)
   indices = _role_indices(config, len(base), part, carve_first=False)
   mine = indices[process_index::process_count]
   source = SubsetSource(base, mine)
