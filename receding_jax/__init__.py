@@ -17,7 +17,15 @@ from receding_jax.penalties import (
     project_to_interval,
     receding_penalty,
 )
-from receding_jax.pruning import channel_masks, count_macs, count_params, prune_params, prune_params_like
+from receding_jax.pruning import (
+    Shrunk,
+    channel_masks,
+    count_macs,
+    count_params,
+    prune_params,
+    prune_params_like,
+    shrink,
+)
 from receding_jax.pruning import (
     count_flops as count_flops,  # Deprecated name of count_macs (warns when called).
 )
@@ -30,6 +38,7 @@ __all__ = [
     "BoundedScaleNorm",
     "NnxBoundedGate",
     "NnxBoundedScaleNorm",
+    "Shrunk",
     "add_l1_penalty",
     "add_polarization_penalty",
     "add_receding_penalty",
@@ -46,4 +55,5 @@ __all__ = [
     "prune_params",
     "prune_params_like",
     "receding_penalty",
+    "shrink",
 ]

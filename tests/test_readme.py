@@ -56,6 +56,9 @@ def test_readme_block_runs(line, code):
     assert "'bn'" in printed and "'ln'" not in printed
     mask = ns["bn_scales"]
     assert [bool(x) for x in jax.tree.leaves(mask)].count(True) == 1
+  if "removed" in ns:  # Shrinking mid-training: the 5 receded channels gone, the loss going on down.
+    assert ns["removed"] == {"BoundedScaleNorm_0": 5} and ns["variables"]["params"]["Conv_0"]["kernel"].shape[-1] == 11
+    assert all(b < a for a, b in zip(ns["losses"], ns["losses"][1:], strict=False))
   if "narrow_nnx" in ns:  # Bring your own model: the depthwise group halved in both frameworks.
     assert ns["narrow_linen_vars"]["params"]["Conv_1"]["kernel"].shape == (3, 3, 1, 12)
     assert ns["narrow_linen"].pruned_overrides["Conv_1"] == {"features": 12, "feature_group_count": 12}

@@ -6,6 +6,7 @@
 - `criteria`: groups scored by their norms; masks by ratio (global/local), threshold or MAC target.
 - `slicing`, `optimizer_state`: variables and optimizer states without the removed channels.
 - `rebuild`: the narrow Linen model (width attributes rewritten by path) or NNX model (a narrowed clone).
+- `shrinking`: `shrink`, the narrow (model, variables, optimizer state) mid-training, from one trace.
 - `api`: `channel_masks`, `prune_params`, `prune_params_like`, `count_macs`, `count_params` (`count_flops` and
   `flop_model`: deprecated names of `count_macs` and `mac_model`, which count multiply-accumulates).
 """
@@ -30,6 +31,7 @@ from receding_jax.pruning.criteria import flop_model as flop_model  # Deprecated
 from receding_jax.pruning.models import Traced, trace
 from receding_jax.pruning.rebuild import narrow_linen, narrow_nnx
 from receding_jax.pruning.rules import register_rule
+from receding_jax.pruning.shrinking import Shrunk, shrink
 
 __all__ = [
     "SCOPES",
@@ -38,6 +40,7 @@ __all__ = [
     "Group",
     "KeepRule",
     "ScoredGroup",
+    "Shrunk",
     "Traced",
     "analyze",
     "channel_masks",
@@ -52,6 +55,7 @@ __all__ = [
     "prune_params",
     "prune_params_like",
     "register_rule",
+    "shrink",
     "trace",
     "verify",
 ]
