@@ -27,15 +27,16 @@ from receding_jax.deploy import folding, litert, stablehlo
 from receding_jax.deploy import preprocessing as prep
 from receding_jax.errors import InputError
 from receding_jax.pruning import models as pruning_models
+from receding_jax.pruning.checking import CHECK_PRECISION
 
 FORMATS = ("stablehlo", "tflite")
 #: Largest |exported - JAX| allowed, relative to the largest |JAX output| on the verification batch.
 TOLERANCE = 1e-4
 #: Precision of the float32 matmuls and convolutions of the JAX runs an export is held to: the reference and
 #: the folding check (`run_checked`). Current NVIDIA GPUs compute them in TF32 by default, which put two
-#: float32 runs of one VGG-16 1.7e-3 apart on an H100, beyond TOLERANCE. The exported files keep the
-#: default precision: the machine that runs them chooses.
-CHECK_PRECISION = "highest"
+#: float32 runs of one VGG-16 1.7e-3 apart on an H100, beyond TOLERANCE. The pruning check's setting
+#: (`pruning.checking.CHECK_PRECISION`), one for every check. The exported files keep the default
+#: precision: the machine that runs them chooses.
 REPORT_NAME = "export_report.json"
 
 

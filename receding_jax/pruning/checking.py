@@ -157,7 +157,7 @@ def verify(traced: Traced, keep: Mapping[int, np.ndarray], narrow_model: Any, na
   if sum(r.size for r in compared) and not any(np.any(~np.isnan(r)) for r in compared):
     raise ValueError("the check compared nothing: the wide model's outputs are NaN on all of its random "
                      "inputs; check the narrow model on your own data and prune with check=False")
-  scale = max([1.0] + [float(np.max(np.abs(r[np.isfinite(r)]), initial=0.0)) for r in map(_as32, reference)])
+  scale = max([1.0] + [float(np.max(np.abs(r[np.isfinite(r)]), initial=0.0)) for r in compared])
   worst = max([0.0] + [_difference(a, b) for a, b in zip(outputs, reference, strict=True)])
   if not worst <= bound * scale:
     members = sorted({"/".join(leaf[:-1]) for i in keep for leaf, _ in traced.coupling.groups[i].members})

@@ -24,7 +24,7 @@ import ml_collections
 from receding_jax.errors import InputError
 from receding_jax.training import compile_cache
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # As splits.IMAGE_EXTENSIONS.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # Of an image folder, any case, as tfds.ImageFolder.
 _HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, once per process.
 
 
@@ -70,10 +70,15 @@ def extracted_folder(path: pathlib.Path, digest: str) -> pathlib.Path:
   return cache_root() / f"{name}-{digest[:16]}"
 
 
+def has_images(split_dir: pathlib.Path) -> bool:
+  """Whether `split_dir` has a class folder with at least one image (stops at the first)."""
+  classes = (c for c in split_dir.iterdir() if c.is_dir()) if split_dir.is_dir() else ()
+  return any(f.suffix.lower() in IMAGE_EXTENSIONS for c in classes for f in c.iterdir())
+
+
 def _is_image_folder(root: pathlib.Path) -> bool:
   """Whether `root` holds ``<split>/<class>/<image>`` (stops at the first image)."""
-  return any(f.suffix.lower() in IMAGE_EXTENSIONS for s in root.iterdir() if s.is_dir()
-             for c in s.iterdir() if c.is_dir() for f in c.iterdir())
+  return any(has_images(s) for s in root.iterdir() if s.is_dir())
 
 
 def _image_root(extracted: pathlib.Path) -> pathlib.Path:

@@ -77,16 +77,16 @@ def load_config_file(path: wd.PathLike) -> ml_collections.ConfigDict:
 
 
 def run_config(checkpoint_dir: wd.PathLike) -> tuple[ml_collections.ConfigDict, str]:
-  """(config, where it was read) of the run that wrote `checkpoint_dir`: the nearest ``config.json`` above it
-  (a trained, pruned or fine-tuned checkpoint all have one), over the defaults for keys it predates."""
-  for folder in (wd.path(checkpoint_dir), *wd.path(checkpoint_dir).parents):
-    recorded = wd.read_config(folder)
-    if recorded is not None:
-      config = default_config()
-      config.unlock()
-      config.update(recorded)
-      return config, os.fspath(wd.config_path(folder))
-  raise InputError(f"no config.json in {checkpoint_dir} or above it: give the run's config with --config")
+  """(config, where it was read) of the run that wrote `checkpoint_dir` (`workdir.config_of_checkpoints`),
+  over the defaults for keys it predates."""
+  found = wd.config_of_checkpoints(checkpoint_dir)
+  if found is None:
+    raise InputError(f"no config.json in {checkpoint_dir} or the two folders above it: give the run's config "
+                     "with --config")
+  config = default_config()
+  config.unlock()
+  config.update(found[0])
+  return config, os.fspath(found[1])
 
 
 def evaluate(checkpoint_dir: wd.PathLike, split: str = "test", step: int | str = "best",

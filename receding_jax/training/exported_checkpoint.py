@@ -35,7 +35,6 @@ def export_checkpoint(
   `output_dir`; returns the export report. Bad requests fail before the checkpoint is read, a checkpoint
   whose spec names no model we can build fails before anything is written. `mean` and `std` (both or
   neither) override the run's config.json; `include_preprocessing` needs one of them (`deploy.export_model`)."""
-  model_export.check_request(output_dir, tuple(formats), tuple(quantize), tflite_batch)
   source_dir = wd.path(checkpoint_dir)
   if not source_dir.is_dir():
     raise FileNotFoundError(f"checkpoint_dir {checkpoint_dir} does not exist")
@@ -58,16 +57,14 @@ def export_checkpoint(
 
 def find_normalisation(source_dir: wd.PathLike, mean: Sequence[float] | None = None,
                        std: Sequence[float] | None = None) -> Normalisation | None:
-  """`mean` and `std` when given, else ``dataset.mean``/``std`` of the nearest ``config.json`` in the
-  checkpoint's parent or grandparent folder (its run's workdir), else None (unknown)."""
+  """`mean` and `std` when given, else ``dataset.mean``/``std`` of the run's config.json
+  (`workdir.config_of_checkpoints`), else None (unknown)."""
   if (mean is None) != (std is None):
     raise InputError("give both --mean and --std, or neither (then the run's config.json is read)")
   if mean is not None:
     return Normalisation(tuple(mean), tuple(std), "given (--mean, --std)")
-  here = wd.path(source_dir)
-  for workdir in (here.parent, here.parent.parent):
-    config = wd.read_config(workdir)
-    dataset = config.get("dataset") if isinstance(config, dict) else None
-    if isinstance(dataset, dict) and "mean" in dataset and "std" in dataset:
-      return Normalisation(tuple(dataset["mean"]), tuple(dataset["std"]), os.fspath(wd.config_path(workdir)))
+  found = wd.config_of_checkpoints(source_dir)
+  dataset = found[0].get("dataset") if found else None
+  if isinstance(dataset, dict) and "mean" in dataset and "std" in dataset:
+    return Normalisation(tuple(dataset["mean"]), tuple(dataset["std"]), os.fspath(found[1]))
   return None

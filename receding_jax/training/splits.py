@@ -42,7 +42,7 @@ from receding_jax.training.config import ConfigError
 ROLES = ("train", "validation", "test")
 #: Digits (scikit-learn's embedded 8x8 images): the first DIGITS_TRAIN images train, the rest test.
 DIGITS_TRAIN = 1500
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # As tfds.ImageFolder, any case.
+IMAGE_EXTENSIONS = archive.IMAGE_EXTENSIONS  # As tfds.ImageFolder, any case.
 #: Splits whose decoded uint8 pixels take at most this many bytes keep them in memory once decoded.
 CACHE_DECODED_BYTES = 1 << 30
 Record = dict[str, Any]
@@ -143,12 +143,6 @@ class DataNotFoundError(InputError):
   dataset)."""
 
 
-def _has_images(split_dir: pathlib.Path) -> bool:
-  """Whether `split_dir` has a class folder with at least one image (stops at the first)."""
-  classes = (c for c in split_dir.iterdir() if c.is_dir()) if split_dir.is_dir() else ()
-  return any(f.suffix.lower() in IMAGE_EXTENSIONS for c in classes for f in c.iterdir())
-
-
 def check_available(config: ml_collections.ConfigDict) -> None:
   """Raises DataNotFoundError (or archive.ArchiveError), naming the config key, the path and what to do,
   unless the splits the run reads exist; cheap (nothing is decoded, but a folder's ``dataset.archive`` is
@@ -157,7 +151,8 @@ def check_available(config: ml_collections.ConfigDict) -> None:
   if d.name == "folder":
     root, key = (d.folder, "dataset.folder") if d.folder or not d.archive else (
         os.fspath(archive.ensure_extracted(d)), "the extraction of dataset.archive")
-    missing = [s for s in dict.fromkeys((d.train_split, d.eval_split)) if not _has_images(pathlib.Path(root) / s)]
+    splits = dict.fromkeys((d.train_split, d.eval_split))
+    missing = [s for s in splits if not archive.has_images(pathlib.Path(root) / s)]
     if missing:
       raise DataNotFoundError(f"{key} = {root!r} has no images of the split(s) {missing}: it must "
                               "hold <split>/<class>/*.jpg (or .png); extract or point it at the dataset")

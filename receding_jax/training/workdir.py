@@ -197,6 +197,18 @@ def read_config(workdir: PathLike) -> dict[str, Any] | None:
   return read_json(config_path(workdir))
 
 
+def config_of_checkpoints(checkpoint_dir: PathLike) -> tuple[dict[str, Any], epath.Path] | None:
+  """(config as JSON, its path) of the run that wrote the checkpoints in `checkpoint_dir`: the nearest
+  ``config.json`` in it, its parent or its grandparent (``W/checkpoints``, ``W/pruned_R/pruned`` and
+  ``W/pruned_R/finetune/checkpoints`` all have one there); None when there is none."""
+  here = path(checkpoint_dir)
+  for folder in (here, here.parent, here.parent.parent):
+    recorded = read_config(folder)
+    if isinstance(recorded, dict):
+      return recorded, config_path(folder)
+  return None
+
+
 def write_config(workdir: PathLike, config: Mapping[str, Any]) -> None:
   write_json(config_path(workdir), dict(config))
 
