@@ -12,7 +12,10 @@ elsewhere pass --coordinator_address, --num_processes and --process_id on every 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -54,6 +57,7 @@ def main(argv: list[str]) -> None:
   from receding_jax.training import experiment
   from receding_jax.training.config import validate_config
 
+  _deliver_interrupts_until_they_land()
   try:
     validate_config(_CONFIG.value)  # Before any process joins or any file is touched.
     if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
@@ -65,6 +69,31 @@ def main(argv: list[str]) -> None:
     _exit_with_error(e)
   except KeyboardInterrupt:  # The workdir's lock and files were released on the way out.
     _exit_with_error("interrupted; rerun the same command to resume (finished epochs and phases are kept)", 130)
+
+
+#: Seconds between repeats of a Ctrl-C that has not ended the run yet.
+INTERRUPT_REPEAT_SECONDS = 5.0  # Long enough for the first one's unwinding (locks, files) to finish.
+
+
+def _deliver_interrupts_until_they_land() -> None:
+  """Ctrl-C raises KeyboardInterrupt wherever Python is at that moment; when that is a callback that native
+  code runs (XLA's compile-time listeners, a C++ caller that reports and drops a Python exception), it is
+  lost and the run goes on. So after the first SIGINT a daemon thread sends it again every
+  INTERRUPT_REPEAT_SECONDS until one reaches `main`'s handler, which ends the process."""
+  interrupted = threading.Event()
+
+  def handler(signum, frame):
+    interrupted.set()
+    raise KeyboardInterrupt
+
+  def repeat():
+    interrupted.wait()
+    while True:
+      time.sleep(INTERRUPT_REPEAT_SECONDS)
+      os.kill(os.getpid(), signal.SIGINT)
+
+  signal.signal(signal.SIGINT, handler)
+  threading.Thread(target=repeat, name="repeat_interrupt", daemon=True).start()
 
 
 def _exit_with_error(error: BaseException | str, status: int = 2) -> None:
