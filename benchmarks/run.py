@@ -47,7 +47,7 @@ from norm_speed import bench_norm
 from receding_jax import pruning
 from receding_jax.models import for_platform, get_model
 from receding_jax.training import data, splits, steps, streaming
-from receding_jax.training.config import paper_config
+from receding_jax.training.paper_configs import paper_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 #: Peak dense FLOP/s of accelerators we know (bf16/tf32 tensor cores differ; float32 here).

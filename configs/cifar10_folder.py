@@ -19,7 +19,7 @@ this length it trains with ~30x the paper's strength (printed at start). An epoc
 import os
 import pathlib
 
-from receding_jax.training.config import paper_config
+from receding_jax.training.paper_configs import paper_config
 
 #: The real CIFAR-10 JPEGs (../shared/data/README.md) and their sha256.
 ARCHIVE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"

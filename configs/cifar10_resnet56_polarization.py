@@ -1,6 +1,6 @@
 """ResNet-56 on CIFAR-10, polarization penalty (Zhuang et al., 2020): docs/method.md sections 2-7."""
 
-from receding_jax.training.config import paper_config
+from receding_jax.training.paper_configs import paper_config
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """ResNet-50 on ImageNet (tfds imagenet2012, prepared in data_dir), rni: 90 epochs, batch 256, lr 0.1."""
 
-from receding_jax.training.config import paper_config
+from receding_jax.training.paper_configs import paper_config
 
 
 def get_config():

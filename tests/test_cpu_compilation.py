@@ -9,7 +9,7 @@ import pytest
 from receding_jax import cpu_compilation
 from receding_jax.models import get_model
 from receding_jax.training import data, steps
-from receding_jax.training.config import paper_config
+from receding_jax.training.paper_configs import paper_config
 
 WIDTH, BATCH = 0.5, 8  # The smallest ResNet-20 whose step XLA:CPU gives YNNPACK convolutions by default.
 

@@ -188,7 +188,7 @@ def test_the_traced_formulation_is_the_models_attribute_not_the_tracing_machine(
 def test_the_trainer_chooses_the_cpu_formulation_on_cpu_and_pruning_keeps_it():
   from receding_jax.models import for_platform
   from receding_jax.training import steps
-  from receding_jax.training.config import paper_config
+  from receding_jax.training.paper_configs import paper_config
 
   model = get_model("cifar_resnet20", 10, width_multiplier=0.25)
   narrow = pruning.narrow_linen(model, {"stage0_block0/conv1": {"features": 2}})  # As a pruned checkpoint's.

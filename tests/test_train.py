@@ -17,7 +17,8 @@ import pytest
 from receding_jax.models import model_from_spec
 from receding_jax.training import checkpointing, loop, steps, workdir_files
 from receding_jax.training import optimizer as recipe
-from receding_jax.training.config import default_config, model_spec, paper_config, validate_config
+from receding_jax.training.config import default_config, model_spec, validate_config
+from receding_jax.training.paper_configs import paper_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.py"

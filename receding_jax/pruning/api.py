@@ -259,6 +259,8 @@ def _narrow(traced: Traced, keep: Mapping[int, np.ndarray], host: PyTree) -> tup
     return narrow_model, nnx.state(narrow_model)
   narrow_variables = _like(traced.variables, slicing.slice_tree(host, traced.coupling, keep))
   overrides = rebuild.linen_overrides(traced.linen_layers, narrow_variables["params"])
+  earlier = getattr(traced.model, "pruned_overrides", {})  # A narrowed model pruned again keeps its narrowing.
+  overrides = {p: {**earlier.get(p, {}), **overrides.get(p, {})} for p in {*earlier, *overrides}}
   return rebuild.narrow_linen(traced.model, overrides), reboxed(traced.boxed, narrow_variables)
 
 

@@ -164,7 +164,7 @@ def removal_count(ratio: float, candidates: int) -> int:
   return min(candidates, int(np.floor(ratio * (candidates - 1))) + 1)
 
 
-def _least_important(importances: list[np.ndarray], count: int) -> list[np.ndarray]:
+def least_important(importances: list[np.ndarray], count: int) -> list[np.ndarray]:
   """Removal masks (one per array) of the `count` least important channels of all `importances` together,
   ties broken by a stable order (the earlier array, then the lower channel index); +inf never goes."""
   flat = np.concatenate(importances)
@@ -182,9 +182,9 @@ def ratio_masks(groups: list[ScoredGroup], ratio: float, scope: str, rule: KeepR
   candidates = lambda g: int(np.isfinite(g.importance).sum())
   if scope == "global":
     count = removal_count(ratio, sum(candidates(g) for g in groups))
-    removed = _least_important([g.importance for g in groups], count)
+    removed = least_important([g.importance for g in groups], count)
   else:
-    removed = [_least_important([g.importance], removal_count(ratio, candidates(g)))[0] for g in groups]
+    removed = [least_important([g.importance], removal_count(ratio, candidates(g)))[0] for g in groups]
   return {g.name: rule.apply(g.importance, ~r) for g, r in zip(groups, removed, strict=True)}
 
 

@@ -241,3 +241,22 @@ def trace(model: Any, variables: Any = None, inputs: Any = None, apply_kwargs: M
     coupling = analyze(apply, variables, *specs, rules=rules)
   groups = score_groups(coupling, _norm_importances(variables, ("params",)))
   return Traced(model, "linen", apply, variables, specs, coupling, groups, layers, kwargs, boxed)
+
+
+def rescored(traced: Traced, importances: Mapping[str, Any]) -> Traced:
+  """`traced` with its groups scored by `importances` ({norm path, as `neuron_importances` names it:
+  float [channels]}) in place of the norms' own, for the norms named; +inf keeps a channel. InputError
+  for a path that is no norm of the model or a wrong width."""
+  prefix = ("params",) if traced.kind == "linen" else ()
+  own = _norm_importances(traced.variables, prefix)
+  unknown = sorted(set(importances) - set(own))
+  if unknown:
+    raise InputError(f"importances name norms the model does not have: {unknown[:5]}; its norms are {sorted(own)[:20]}")
+  scores = dict(own)
+  for path, values in importances.items():
+    values = np.asarray(values, np.float64)
+    if values.shape != own[path][1].shape:
+      raise InputError(f"importances for {path!r} have shape {values.shape}, the norm has {own[path][1].shape}")
+    scores[path] = (own[path][0], values)
+  return dataclasses.replace(traced, groups=score_groups(traced.coupling, scores))
+

@@ -14,7 +14,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -144,10 +144,11 @@ def mismatch_description(saved: PyTree, target: PyTree) -> str | None:
 
 
 def restore(
-    manager: ocp.CheckpointManager, step: int | None = None, target: PyTree | None = None
+    manager: ocp.CheckpointManager, step: int | None = None, target: PyTree | Callable[[dict], PyTree] | None = None
 ) -> tuple[PyTree, dict]:
   """(state, model_spec) of `step` (default: the newest). `target` (arrays or `jax.ShapeDtypeStruct`s,
-  shardings included) gives the restored structure and placement; without it the saved tree comes back
+  shardings included, or a function of the step's model spec that gives them: a network that shrank while it
+  trained has the shapes its spec says) gives the restored structure and placement; without it the saved tree comes back
   as numpy arrays on the host, whatever topology saved it. Raises FileNotFoundError when there is no such
   step, CheckpointMismatchError when the saved tree does not fit `target` (naming where),
   DamagedCheckpointError (one line: directory, step, kind of damage) when a file of the step is missing or
@@ -159,6 +160,8 @@ def restore(
   where = f"checkpoint step {step} in {manager.directory}"
   try:
     metadata = manager.item_metadata(step)["state"]  # Reads every array's metadata: finds most damage.
+    if callable(target):
+      target = target(dict(manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))["model"]))
     if target is not None and (mismatch := mismatch_description(metadata, target)):
       raise CheckpointMismatchError(
           f"{where} is readable but does not fit the state expected here: {mismatch}; another version of "

@@ -82,7 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.penalty.polarization_t = 1.5  # polarization only.
   # If True, `strength` means "the paper's strength": it is rescaled so that the penalty's integrated
   # push (strength x sum of the learning rates over all steps) equals that of the paper's schedule
-  # (PAPER_SCHEDULE). A 15-epoch run at batch 128 then uses ~21x the given strength.
+  # (paper_configs.PAPER_SCHEDULE). A 15-epoch run at batch 128 then uses ~21x the given strength.
   c.penalty.relative_to_paper = False
 
   c.optim = ml_collections.ConfigDict()
@@ -121,8 +121,23 @@ def default_config() -> ml_collections.ConfigDict:
   # Which trained checkpoint is pruned: 'last' (the end of training) or 'best' (the highest validation
   # accuracy among the kept checkpoints, ties going to the later step; needs checkpoint.keep_best >= 1).
   c.prune.source = "last"
+  c.prune.prune_streams = False  # Also prune residual streams (the paper prunes block-inner channels only).
   c.finetune = ml_collections.ConfigDict()
   c.finetune.num_epochs = 160  # Same schedule as training (scaled to this length), no penalty.
+
+  # Shrinking while training (training/shrinking.py, docs/shrinking.md): off by default, so the paper's
+  # recipe trains the full width to the end. On: after every `every_epochs`-th epoch from `start_epoch` on,
+  # the channels whose importance stayed at or below `threshold` (the one-shot threshold's meaning) for
+  # `patience` checks in a row are removed, with the optimiser state, never more than `max_ratio` of the
+  # prunable channels in all; prune.min_channels, prune.channel_multiple and prune.prune_streams apply.
+  # The prune phase's ratios then count the channels of the unshrunk network (at least max_ratio each).
+  c.shrink = ml_collections.ConfigDict()
+  c.shrink.enabled = False
+  c.shrink.every_epochs = 5  # Each shrink compiles the narrow step once: not too often.
+  c.shrink.threshold = 0.01
+  c.shrink.patience = 2
+  c.shrink.start_epoch = 1  # The first epoch (counted from 1) whose end is a check.
+  c.shrink.max_ratio = 0.5
 
   # JAX's persistent compilation cache (training.compile_cache): 'auto' = ~/.cache/receding_jax/
   # jax_compilation_cache ($XDG_CACHE_HOME if set), a path, or '' (off). How a run runs, not what it
@@ -261,6 +276,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(r.source != "best" or k.keep_best >= 1, "prune.source", r.source,
          "pruning the best checkpoint needs checkpoint.keep_best >= 1 (and so a validation split)")
   _check(config.finetune.num_epochs >= 1, "finetune.num_epochs", config.finetune.num_epochs, "at least 1")
+  _validate_shrink(config)
+
+
+def _validate_shrink(config: ml_collections.ConfigDict) -> None:
+  """The shrink section's values; with pruning after training, max_ratio within its smallest ratio."""
+  s = config.shrink
+  _check(s.every_epochs >= 1, "shrink.every_epochs", s.every_epochs, "at least 1")
+  _check(s.threshold >= 0 and s.threshold == s.threshold, "shrink.threshold", s.threshold, "a number >= 0")
+  _check(s.patience >= 1, "shrink.patience", s.patience, "at least 1")
+  _check(s.start_epoch >= 1, "shrink.start_epoch", s.start_epoch, "at least 1 (the end of the first epoch)")
+  _check(0 <= s.max_ratio < 1, "shrink.max_ratio", s.max_ratio, "in [0, 1)")
+  smallest = min(config.prune.ratios)
+  _check(not (s.enabled and "prune" in config.phases) or s.max_ratio <= smallest, "shrink.max_ratio",
+         s.max_ratio, f"at most the smallest prune ratio {smallest:g}: the prune phase counts the unshrunk "
+         "network's channels and cannot put back what shrinking removed")
 
 
 #: Keys configs no longer have ("section.key"): a workdir's config.json that still holds them resumes.
@@ -340,57 +370,3 @@ def model_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
     overrides["batch_norm_scale_init"] = float(config.model.batch_norm_scale_init)
   return {"name": config.model.name, "num_classes": config.dataset.num_classes, "norm": config.model.norm,
           "compute_dtype": config.model.compute_dtype, "overrides": overrides}
-
-
-#: The schedule the paper's strengths were tuned for: CIFAR (50,000 images), batch 64, 160 epochs,
-#: lr 0.1 divided by 10 at 50% and 75% of the steps.
-PAPER_SCHEDULE = {"train_examples": 50_000, "batch_size": 64, "num_epochs": 160, "learning_rate": 0.1,
-                  "decay_fractions": (0.5, 0.75), "decay_factor": 0.1}
-
-#: Penalty settings per (method, model family): docs/method.md sections 2 and 3 (160 epochs, batch 64).
-PAPER_PENALTIES = {
-    ("rni", "vgg"): {"kind": "rni", "strength": 1e-3, "shift": 3.0},
-    ("rni", "resnet"): {"kind": "rni", "strength": 1e-4, "shift": 0.0},
-    ("l1", "vgg"): {"kind": "l1", "strength": 1e-4},
-    ("l1", "resnet"): {"kind": "l1", "strength": 1e-5},
-    ("polarization", "vgg"): {"kind": "polarization", "strength": 3e-5, "polarization_t": 1.5},
-    ("polarization", "resnet"): {"kind": "polarization", "strength": 5e-5, "polarization_t": 1.4},
-    ("ucs", "vgg"): {"kind": "none", "strength": 0.0},
-    ("ucs", "resnet"): {"kind": "none", "strength": 0.0},
-}
-DATASET_STATS = {
-    "cifar10": {"num_classes": 10, "mean": (0.4914, 0.4822, 0.4465), "std": (0.2023, 0.1994, 0.2010)},
-    "cifar100": {"num_classes": 100, "mean": (0.5071, 0.4867, 0.4408), "std": (0.2675, 0.2565, 0.2761)},
-    "imagenet2012": {"num_classes": 1000, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
-}
-
-
-def paper_config(dataset: str, model: str, method: str) -> ml_collections.ConfigDict:
-  """The config of one paper experiment: `dataset` in DATASET_STATS, `model` a zoo name, `method` one
-  of 'rni', 'l1', 'ucs', 'polarization' (RNI = bounded norms + receding penalty; the others BatchNorm,
-  gamma init 0.5 as in the official code, UCS included)."""
-  family = "vgg" if "vgg" in model else "resnet"
-  if (method, family) not in PAPER_PENALTIES:
-    raise ConfigError(f"unknown method {method!r}; choose one of rni, l1, ucs, polarization")
-  if dataset not in DATASET_STATS:
-    raise ConfigError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_STATS)}")
-  c = default_config()
-  c.dataset.name = dataset
-  for key, value in DATASET_STATS[dataset].items():
-    c.dataset[key] = value
-  c.model.name = model
-  c.model.norm = "bounded" if method == "rni" else "batch"
-  c.model.batch_norm_scale_init = 0.5  # The official vgg16.py/resnet56.py, for every BatchNorm method.
-  for key, value in PAPER_PENALTIES[(method, family)].items():
-    c.penalty[key] = value
-  c.phases = PHASES
-  c.prune.scope = "local" if method == "ucs" else "global"
-  if dataset == "imagenet2012":  # The usual ImageNet recipe: 90 epochs, lr 0.1 per 256 images, steps at 30/60.
-    c.dataset.eval_split = "validation"
-    c.dataset.image_size = 224
-    c.dataset.augment = "imagenet"
-    c.optim.batch_size = 256
-    c.optim.num_epochs = 90
-    c.optim.decay_fractions = (1 / 3, 2 / 3)
-    c.finetune.num_epochs = 90
-  return c

@@ -46,10 +46,35 @@ def epoch_line(summary: Mapping[str, Any], num_epochs: int, elapsed: float, epoc
   parts += [f"penalty {summary['train_penalty']:.3g}", f"lr {summary['learning_rate']:.3g}",
             f"importances <0.05 {summary['importance_fraction_below_0.05']:.1%}",
             f">0.5 {summary['importance_fraction_above_0.5']:.1%}"]
+  if "macs" in summary:
+    parts.append(f"params {summary['params']:,} MACs {count_text(summary['macs'])}")
   eta = elapsed / max(epochs_done, 1) * (num_epochs - summary["epoch"])
   compiling = summary.get("compile_seconds", 0.0)
   spent = f"{summary['epoch_seconds']:.1f} s" + (f", {compiling:.1f} s of it compiling" if compiling >= 0.05 else "")
   return "  ".join(parts) + f"  ({spent}, ETA {format_seconds(eta)})"
+
+
+def count_text(n: float) -> str:
+  """'1.25G', '340.0M', '12.3k' or '17'."""
+  for size, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+    if abs(n) >= size:
+      return f"{n / size:.2f}{unit}"
+  return f"{n:g}"
+
+
+def shrink_line(epoch: int, removed: Mapping[str, int], counts: Mapping[str, int],
+                before: Mapping[str, float], after: Mapping[str, float]) -> str:
+  """A shrink's line: the groups and channels removed, params and MACs before -> after, and the change of
+  validation (else test) loss and accuracy it caused (`before`, `after`: evaluation metrics)."""
+  split = "validation" if "validation_loss" in before else "test"
+  shown = ", ".join(f"{name} -{n}" for name, n in list(removed.items())[:4])
+  more = f", {len(removed) - 4} more" if len(removed) > 4 else ""
+  loss, acc = f"{split}_loss", f"{split}_accuracy"
+  return (f"shrink after epoch {epoch}: removed {sum(removed.values())} channels from {len(removed)} group(s) "
+          f"({shown}{more}); params {counts['params_before']:,} -> {counts['params_after']:,}, MACs "
+          f"{count_text(counts['macs_before'])} -> {count_text(counts['macs_after'])}; {split} loss "
+          f"{before[loss]:.4f} -> {after[loss]:.4f}, accuracy {before[acc]:.4f} -> {after[acc]:.4f}; "
+          "the narrow train step compiles once")
 
 
 def note_first_compile(jitted: Any, what: str) -> None:

@@ -43,6 +43,7 @@ def finetune_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   c.penalty.kind, c.penalty.strength, c.penalty.relative_to_paper = "none", 0.0, False
   c.optim.num_epochs = config.finetune.num_epochs
   c.phases = ("train",)
+  c.shrink.enabled = False  # A pruned network is fine-tuned at its width.
   return c
 
 
@@ -143,6 +144,7 @@ def prune_phase(config: ml_collections.ConfigDict, workdir: str, ratio: float, s
     report = timed_phase(workdir, f"prune {ratio:g}", lambda: prune_checkpoint(
         wd.checkpoint_dir(workdir), pruned_dir, step=step, ratio=ratio, scope=config.prune.scope,
         min_channels=config.prune.min_channels, channel_multiple=config.prune.channel_multiple,
+        prune_streams=config.prune.prune_streams,
     ), parts=lambda r: r.get("seconds", {}), what=f"one-shot at {ratio:.0%}: read, analysis (importances, "
         "coupled groups, criterion), slicing, check of the narrow network, count, save")
   accuracies = timed_phase(workdir, f"evaluate pruned {ratio:g}", lambda: evaluate_checkpoint(config, pruned_dir),

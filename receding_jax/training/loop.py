@@ -3,6 +3,9 @@ metrics (`metric_writer`, the workdir's files) and resumption."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -13,7 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from receding_jax import compile_clock
+from receding_jax import compile_clock, pruning
 from receding_jax.importances import importance_summary, neuron_importances
 from receding_jax.training import (
     checkpointing,
@@ -23,6 +26,7 @@ from receding_jax.training import (
     metric_writer,
     model_specs,
     plots,
+    shrinking,
     splits,
     workdir,
     workdir_files,
@@ -131,21 +135,53 @@ def resume(make_manager: Callable[[], Any], target: State | None, skip_damaged: 
   return None, manager
 
 
-def _start_state(trainer: Trainer, manager_factory, init_variables, skip_damaged) -> tuple[State, Any]:
-  """The state a run starts from: its newest checkpoint (restored into the traced shapes, nothing is
-  initialised), else `init_variables` with a fresh optimiser state, else a fresh init."""
-  target = trainer.abstract_state()
-  state, manager = resume(manager_factory, target, skip_damaged)
+@dataclasses.dataclass
+class _Run:
+  """What changes when a run shrinks: its model spec, trainer and state, and the shrink bookkeeping
+  (`shrinking`; None when the run does not shrink)."""
+
+  spec: dict[str, Any]
+  trainer: Trainer
+  state: State
+  book: dict[str, np.ndarray] | None
+
+  def saved(self) -> State:
+    """The state a checkpoint holds: the train state and, when shrinking, its bookkeeping."""
+    return self.state if self.book is None else {**self.state, shrinking.BOOK_KEY: self.book}
+
+
+def _start(config: ml_collections.ConfigDict, build: Callable[[Mapping[str, Any]], Trainer], spec: dict[str, Any],
+           manager_factory, init_variables, skip_damaged) -> tuple[_Run, Any]:
+  """The run's start: its newest checkpoint (restored into the shapes of the spec it saved: a shrunk
+  network's; nothing is initialised), else `init_variables` with a fresh optimiser state, else a fresh init."""
+  seen: dict[str, Any] = {}
+
+  def target_of(saved_spec: dict[str, Any]) -> State:
+    seen["spec"] = saved_spec
+    target = build(saved_spec).abstract_state()
+    if config.shrink.enabled:
+      target[shrinking.BOOK_KEY] = shrinking.abstract_book({k: target[k] for k in ("params", "batch_stats")})
+    return target
+
+  state, manager = resume(manager_factory, target_of, skip_damaged)
   if state is not None:
-    return state, manager
+    spec = seen["spec"]
+    return _Run(spec, build(spec), state, state.pop(shrinking.BOOK_KEY, None)), manager
+  trainer = build(spec)
   if init_variables is None:
     print("initialising the model...", flush=True)
-    return trainer.init(), manager
-  replicated = NamedSharding(trainer.mesh, P())
-  start = {k: jax.device_put(init_variables[k], replicated) for k in ("params", "batch_stats")}
-  if jax.tree.structure(start["params"]) != jax.tree.structure(target["params"]):
-    raise ValueError("init_variables do not fit the model of `spec`")
-  return trainer.start(start["params"], start["batch_stats"]), manager
+    state = trainer.init()
+  else:
+    replicated = NamedSharding(trainer.mesh, P())
+    start = {k: jax.device_put(init_variables[k], replicated) for k in ("params", "batch_stats")}
+    if jax.tree.structure(start["params"]) != jax.tree.structure(trainer.abstract_state()["params"]):
+      raise ValueError("init_variables do not fit the model of `spec`")
+    state = trainer.start(start["params"], start["batch_stats"])
+  book = None
+  if config.shrink.enabled:
+    variables = jax.device_get({k: state[k] for k in ("params", "batch_stats")})
+    book = shrinking.new_book(spec, variables, config.prune.prune_streams)
+  return _Run(spec, trainer, state, book), manager
 
 
 def _train_and_evaluate(
@@ -163,20 +199,20 @@ def _train_and_evaluate(
   # paper's convention: the best test accuracy over epochs).
   every_epoch = {r: eval_feeds[r] for r in roles if r == roles[0] or config.eval_test_every_epoch}
   steps_per_epoch = train_feed.steps
-  trainer = make_trainer(config, model_specs.build_model(spec), steps_per_epoch, mesh, prepare=train_feed.prepare,
-                         prepare_eval=eval_feeds[roles[0]].prepare)
+  build = lambda s: make_trainer(config, model_specs.build_model(s), steps_per_epoch, mesh, prepare=train_feed.prepare,
+                                 prepare_eval=eval_feeds[roles[0]].prepare)
   manager_factory = lambda: checkpointing.make_manager(
       workdir.checkpoint_dir(workdir_path), keep_last=config.checkpoint.keep_last,
       keep_best=config.checkpoint.keep_best, best_metric="validation_accuracy")
-  state, manager = _start_state(trainer, manager_factory, init_variables, skip_damaged)
-  start_step = int(state["step"])
+  run, manager = _start(config, build, spec, manager_factory, init_variables, skip_damaged)
+  start_step = int(run.state["step"])
   start_epoch, skip_steps = divmod(start_step, steps_per_epoch)
   if start_step:
     print(f"resuming from step {start_step} (epoch {start_epoch}) in {workdir_path}", flush=True)
   if start_epoch >= config.optim.num_epochs:
     manager.close()
-    return _finished_metrics(workdir_path, trainer, state, start_epoch, eval_feeds)
-  print(label + console.run_line(config, spec, trainer, steps_per_epoch, placement), flush=True)
+    return _finished_metrics(workdir_path, run.trainer, run.state, start_epoch, eval_feeds)
+  print(label + console.run_line(config, run.spec, run.trainer, steps_per_epoch, placement), flush=True)
   writer = metric_writer.open_writer(workdir_path, active=jax.process_index() == 0)
   schedule = learning_rate_schedule(config, steps_per_epoch)
   summary: dict[str, Any] = {}
@@ -184,15 +220,19 @@ def _train_and_evaluate(
   for epoch in range(start_epoch, config.optim.num_epochs):
     last = epoch + 1 == config.optim.num_epochs
     with compile_clock.Clock() as clock:  # The epoch's wall time, and how much of it was compiling.
-      state, train_metrics = _train_epoch(trainer, state, train_feed, epoch, config.optim.num_epochs,
-                                           skip_steps, manager)
-      step = int(state["step"])
-      summary = {"epoch": epoch + 1, "step": step, **train_metrics, "learning_rate": float(schedule(step - 1))}
+      cost = _cost(run)  # Of the network this epoch trains (before any shrink at its end).
+      run.state, train_metrics = _train_epoch(run.trainer, run.state, train_feed, epoch, config.optim.num_epochs,
+                                               skip_steps, manager)
+      step = int(run.state["step"])
+      summary = {"epoch": epoch + 1, "step": step, **train_metrics, "learning_rate": float(schedule(step - 1)),
+                 **cost}
       if last or (epoch + 1) % config.eval_every_epochs == 0:
-        summary.update(evaluate_feeds(trainer, state, eval_feeds if last else every_epoch))
-      importances = neuron_importances(jax.device_get({"params": state["params"],
-                                                       "batch_stats": state["batch_stats"]}))
+        summary.update(evaluate_feeds(run.trainer, run.state, eval_feeds if last else every_epoch))
+      importances = neuron_importances(jax.device_get({"params": run.state["params"],
+                                                       "batch_stats": run.state["batch_stats"]}))
       summary.update({f"importance_{k}": v for k, v in importance_summary(importances).items()})
+      if shrinking.is_check(config, epoch + 1):
+        summary.update(_shrink(config, build, run, importances, summary, eval_feeds if last else every_epoch))
     skip_steps = 0
     summary.update(epoch_seconds=clock.seconds, compile_seconds=clock.compile_seconds)
     # The epoch's line first, then its checkpoint: killed between the two, the rerun resumes from the older
@@ -200,12 +240,53 @@ def _train_and_evaluate(
     # metrics.jsonl does not know, which a rerun would take as finished.
     _record_epoch(writer, workdir_path, summary, importances)
     if (epoch + 1) % config.checkpoint.every_epochs == 0 or last:
-      checkpointing.save(manager, step, state, spec,
+      checkpointing.save(manager, step, run.saved(), run.spec,
                          metrics={"validation_accuracy": summary.get("validation_accuracy", 0.0)})
     _report_epoch(config, workdir_path, summary, time.perf_counter() - run_start, epoch + 1 - start_epoch)
   writer.close()
   manager.close()
   return summary
+
+
+def _cost(run: _Run) -> dict[str, int]:
+  """{'params', 'macs'} of the run's network: parameters, and multiply-accumulates of one input."""
+  params = int(sum(np.size(x) for x in jax.tree.leaves(run.state["params"])))
+  return {"params": params, "macs": _macs(json.dumps(run.spec, sort_keys=True))}
+
+
+@functools.lru_cache(maxsize=64)
+def _macs(spec_json: str) -> int:
+  spec = json.loads(spec_json)
+  return pruning.count_macs(model_specs.build_model(spec), model_specs.example_inputs(spec))
+
+
+def _shrink(config: ml_collections.ConfigDict, build: Callable[[Mapping[str, Any]], Trainer], run: _Run,
+            importances: Mapping[str, Any], summary: Mapping[str, Any], feeds: Mapping[str, data.Feed]
+            ) -> dict[str, Any]:
+  """One shrink check at an epoch's end (`shrinking`): counts updated; the channels that stayed receded
+  removed from `run` (spec, trainer, state laid out again over the mesh); the shrink's line. Returns what
+  the epoch's record gains: the evaluation of the narrow network (what its checkpoint holds) and the
+  shrink's channels and before/after metrics."""
+  run.book = {**run.book, "counts": shrinking.counted(run.book["counts"], importances, config.shrink.threshold)}
+  if not shrinking.budget(config, run.book) or not np.any(run.book["counts"] >= config.shrink.patience):
+    return {}
+  host = jax.device_get({k: run.state[k] for k in ("params", "batch_stats", "opt_state")})
+  done = shrinking.shrink_state(config, run.spec, {k: host[k] for k in ("params", "batch_stats")},
+                                host["opt_state"], importances, run.book)
+  if done is None:
+    return {}
+  measured = [f"{r}_{m}" for r in feeds for m in ("loss", "accuracy", "count")]
+  before = {k: summary[k] for k in measured if k in summary} or evaluate_feeds(run.trainer, run.state, feeds)
+  trainer = build(done.spec)
+  replicated = NamedSharding(trainer.mesh, P())
+  state = {**run.state, **done.variables, "opt_state": done.opt_state}
+  run.spec, run.trainer, run.book = done.spec, trainer, done.book
+  run.state = jax.device_put({k: state[k] for k in ("params", "batch_stats", "opt_state", "step", "rng")}, replicated)
+  after = evaluate_feeds(trainer, run.state, {r: f for r, f in feeds.items() if f"{r}_loss" in before})
+  print(console.shrink_line(int(summary["epoch"]), done.removed, done.counts, before, after), flush=True)
+  return {**after, "shrink_removed_channels": sum(done.removed.values()),
+          "shrink_params_after": done.counts["params_after"], "shrink_macs_after": done.counts["macs_after"],
+          **{f"shrink_before_{k}": v for k, v in before.items()}}
 
 
 def _report_epoch(config: ml_collections.ConfigDict, workdir_path: str, summary: Mapping[str, Any],

@@ -20,7 +20,7 @@ from receding_jax import pruning
 from receding_jax.errors import InputError
 from receding_jax.models import model_from_spec
 
-EXTRA_KEYS = ("factory", "factory_kwargs", "input_shape", "pruned")
+EXTRA_KEYS = ("factory", "factory_kwargs", "input_shape", "pruned", "shrunk")
 
 
 def import_factory(text: str) -> Any:

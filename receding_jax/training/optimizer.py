@@ -11,7 +11,8 @@ import optax
 from receding_jax import penalties
 from receding_jax.norm import LOGIT_NAME
 from receding_jax.selection import PyTree, path_names
-from receding_jax.training.config import PAPER_SCHEDULE, default_config
+from receding_jax.training.config import default_config
+from receding_jax.training.paper_configs import PAPER_SCHEDULE
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:

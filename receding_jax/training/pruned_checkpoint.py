@@ -24,6 +24,7 @@ from receding_jax.compile_clock import timed
 from receding_jax.errors import InputError
 from receding_jax.training import checkpointing, evaluation, model_specs, workdir_files
 from receding_jax.training import workdir as wd
+from receding_jax.training.shrinking import BOOK_KEY, SHRUNK_KEY
 
 
 def prune_checkpoint(
@@ -68,9 +69,13 @@ def prune_checkpoint(
   seconds: dict[str, float] = {}
   with timed(seconds, "read"):
     state, spec, source_step = _read_source(source_dir, step, model_factory, input_shape)
-  model = model_specs.base_model(spec)
+  shrunk = bool(spec.get(SHRUNK_KEY))
+  model = model_specs.build_model(spec) if shrunk else model_specs.base_model(spec)
   inputs = model_specs.example_inputs(spec)
   variables = {k: jax.device_get(state[k]) for k in ("params", "batch_stats") if k in state}
+  if shrunk:  # Narrowed while it trained: the criterion counts the unshrunk network's channels and MACs.
+    ratio, mac_reduction = unshrunk_criterion(state[BOOK_KEY], ratio, mac_reduction,
+                                              pruning.count_macs(model, inputs, variables=variables))
   keep_groups = getattr(model, "PAPER_UNPRUNED", ())  # A zoo ResNet-50's stem (docs/method.md section 6).
   narrow_model, narrow_variables = pruning.prune_params(
       model, variables, ratio, inputs=inputs, scope=scope, min_channels=min_channels, keep_groups=keep_groups,
@@ -91,6 +96,11 @@ def prune_checkpoint(
   }
   if reason is not None:
     report["source_step_reason"] = reason
+  if shrunk:
+    book = state[BOOK_KEY]
+    report["shrunk_while_training"] = {k: int(book[k]) for k in ("prunable", "removed", "macs", "params")}
+    report["removed_fraction"] = (int(book["removed"]) + sum(counts["widths_before"]) - sum(counts["widths_after"])
+                                  ) / max(int(book["prunable"]), 1)
   workdir_files.sync(f"checked {output}")  # No process may see another's new output_dir as taken.
   with timed(seconds, "save"):
     target = checkpointing.make_manager(output)
@@ -109,9 +119,30 @@ def _read_source(source_dir, step: int | None, model_factory: str | None,
     spec = {"factory": model_factory}
   if input_shape is not None:
     spec = {**spec, "input_shape": list(input_shape)}
-  if spec.get("pruned"):
+  if spec.get("pruned") and not spec.get(SHRUNK_KEY):
     raise InputError(f"{source_dir} holds an already pruned model: prune the original checkpoint again instead")
   return state, spec, source_step
+
+
+def unshrunk_criterion(book: Any, ratio: float | None, mac_reduction: float | None,
+                       macs_now: int) -> tuple[float | None, float | None]:
+  """(ratio, mac_reduction) for a network that shrank while it trained (`book`: its `shrinking` bookkeeping)
+  that remove what the given ones remove from the unshrunk network, less what shrinking already removed;
+  InputError where shrinking removed more than asked."""
+  total, removed = int(book["prunable"]), int(book["removed"])
+  if ratio is not None:
+    count = pruning.criteria.removal_count(ratio, total) - removed
+    if count < 0:
+      raise InputError(f"ratio {ratio:g} removes {count + removed} of the unshrunk network's {total} prunable "
+                       f"channels, but shrinking during training already removed {removed}: prune at a higher ratio")
+    ratio = 0.0 if count == 0 else (count - 0.5) / max(total - removed - 1, 1)
+  if mac_reduction is not None:
+    wanted = (1.0 - mac_reduction) * int(book["macs"])
+    if macs_now < wanted:
+      raise InputError(f"mac_reduction {mac_reduction:g} keeps {wanted:,.0f} of the unshrunk network's MACs, but "
+                       f"shrinking during training already left {macs_now:,}: prune at a higher reduction")
+    mac_reduction = 1.0 - wanted / macs_now
+  return ratio, mac_reduction
 
 
 def _counts(model: nn.Module, variables: Any, narrow_model: nn.Module, narrow_variables: Any, inputs: Any,
