@@ -1,0 +1,158 @@
+"""Shrinking while training (config.shrink): the loop removes receded channels mid-run with exact bookkeeping,
+says so, records the cost, and a run killed after a shrink resumes (on 8 devices) to the uninterrupted result.
+8 devices against 1 is not compared over whole runs: from step 18 on, SGD amplifies the summation order's
+rounding (test_distributed_training compares 6 steps)."""
+
+import contextlib
+import io
+import itertools
+import json
+import pathlib
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+from test_train import QUICKSTART, TINY, assert_trees_close, final_params, load_config, run_main
+
+from receding_jax.training import checkpointing, loop
+
+# The shrink: at the end of epoch 2 of 4, every channel at or below importance 0.5 (many, this early),
+# within 30% of the prunable channels; then one check per epoch.
+SHRINK_FLAGS = ["--config.optim.num_epochs=4", "--config.checkpoint.keep_last=5", "--config.shrink.enabled=True",
+                "--config.shrink.threshold=0.5", "--config.shrink.patience=1", "--config.shrink.start_epoch=2",
+                "--config.shrink.every_epochs=1", "--config.shrink.max_ratio=0.3"]
+STEPS = 18  # Per epoch.
+
+
+def tiny_config(shrink: bool):
+  c = load_config(QUICKSTART)
+  c.model.width_multiplier, c.data.steps_per_dispatch, c.phases = 0.25, 6, ("train",)
+  c.optim.num_epochs, c.checkpoint.keep_last = 4, 5
+  if shrink:
+    c.shrink.enabled, c.shrink.threshold, c.shrink.patience = True, 0.5, 1
+    c.shrink.start_epoch, c.shrink.every_epochs, c.shrink.max_ratio = 2, 1, 0.3
+  return c
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """(wide workdir, shrinking workdir, shrinking run's console) of the same tiny quickstart."""
+  root = tmp_path_factory.mktemp("shrinking")
+  loop.train_and_evaluate(tiny_config(False), str(root / "wide"))
+  console = io.StringIO()
+  with contextlib.redirect_stdout(console):
+    loop.train_and_evaluate(tiny_config(True), str(root / "shrunk"))
+  return root / "wide", root / "shrunk", console.getvalue()
+
+
+def step_state(workdir: pathlib.Path, step: int):
+  manager = checkpointing.make_manager(workdir / "checkpoints", create=False)
+  state, spec = checkpointing.restore(manager, step)
+  manager.close()
+  return state, spec
+
+
+def flat(tree) -> dict[tuple[str, ...], np.ndarray]:
+  """{dict-key path: array} of every leaf (other path entries, e.g. tuple indices, left out)."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return {tuple(str(k.key) for k in p if hasattr(k, "key")): np.asarray(v) for p, v in leaves}
+
+
+def kept_channels(wide: dict, narrow: dict) -> list[np.ndarray]:
+  """Per shrunk norm: which of its wide channels survive, found by value (each logit is its own float)."""
+  masks = []
+  for path, logits in wide.items():
+    if path[-1] == "scale_logit" and narrow[path].shape != logits.shape:
+      keep = np.isin(logits, narrow[path])
+      assert keep.sum() == narrow[path].size and np.array_equal(logits[keep], narrow[path]), path
+      masks.append(keep)
+  return masks
+
+
+def slicing(wide: np.ndarray, narrow: np.ndarray, masks: list[np.ndarray]):
+  """[(axis, mask)] that slices `wide` into exactly `narrow`, or None."""
+  axes = [a for a in range(wide.ndim) if wide.shape[a] != narrow.shape[a]]
+  options = [[m for m in masks if m.size == wide.shape[a] and m.sum() == narrow.shape[a]] for a in axes]
+  for combo in itertools.product(*options):
+    sliced = wide
+    for axis, mask in zip(axes, combo, strict=True):
+      sliced = np.compress(mask, sliced, axis=axis)
+    if np.array_equal(sliced, narrow):
+      return list(zip(axes, combo, strict=True))
+  return None
+
+
+def apply(cut, array: np.ndarray) -> np.ndarray:
+  for axis, mask in cut:
+    array = np.compress(mask, array, axis=axis)
+  return array
+
+
+def test_a_shrink_keeps_params_statistics_and_momentum_of_the_surviving_channels_exactly(runs):
+  wide_dir, shrunk_dir, _ = runs
+  wide, _ = step_state(wide_dir, 2 * STEPS)
+  narrow, spec = step_state(shrunk_dir, 2 * STEPS)  # Saved right after the shrink at the end of epoch 2.
+  assert spec["shrunk"] and spec["pruned"] and int(narrow["step"]) == int(wide["step"]) == 2 * STEPS
+  wide_params, narrow_params = flat(wide["params"]), flat(narrow["params"])
+  masks = kept_channels(wide_params, narrow_params)
+  assert masks and sum(int((~m).sum()) for m in masks) == int(narrow["shrink"]["removed"]) > 0
+  cuts = {}
+  for path, value in wide_params.items():
+    cuts[path] = slicing(value, narrow_params[path], masks)
+    assert cuts[path] is not None, f"{path}: the narrow parameter is no slice of the wide one"
+  for path, value in flat(wide["batch_stats"]).items():
+    assert slicing(value, flat(narrow["batch_stats"])[path], masks) is not None, path
+  wide_opt, narrow_opt = flat(wide["opt_state"]), flat(narrow["opt_state"])
+  assert wide_opt.keys() == narrow_opt.keys()
+  compared = 0
+  for path, value in wide_opt.items():
+    param = next((p for p in cuts if path[-len(p):] == p), None)
+    if param is None or value.shape != wide_params[param].shape:  # A step count: carried as it is.
+      np.testing.assert_array_equal(narrow_opt[path], value)
+      continue
+    np.testing.assert_array_equal(narrow_opt[path], apply(cuts[param], value), err_msg=str(path))
+    compared += int(np.count_nonzero(apply(cuts[param], value)))
+  assert compared > 1000  # The momentum was really there, and compared.
+
+
+def test_the_console_and_records_show_each_shrink_and_the_falling_cost(runs):
+  _, shrunk_dir, console = runs
+  epochs = {}
+  for line in (shrunk_dir / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    if "epoch" in record:
+      epochs[record["epoch"]] = record
+  shrinks = [e for e in epochs.values() if e.get("shrink_removed_channels")]
+  assert shrinks and shrinks[0]["epoch"] == 2
+  removed = shrinks[0]["shrink_removed_channels"]
+  assert f"shrink after epoch 2: removed {removed} channels" in console
+  assert epochs[3]["params"] == shrinks[0]["shrink_params_after"] < epochs[1]["params"]
+  assert epochs[4]["macs"] <= epochs[3]["macs"] < epochs[1]["macs"]
+  assert all(e["epoch_seconds"] > 0 for e in epochs.values())
+  book = final_params(shrunk_dir)["shrink"]
+  assert int(book["removed"]) <= np.floor(0.3 * int(book["prunable"]))
+  assert "validation_accuracy" in shrinks[0] and "shrink_before_validation_accuracy" in shrinks[0]
+
+
+def test_a_run_killed_after_a_shrink_on_8_devices_resumes_to_the_uninterrupted_result(runs, tmp_path):
+  wide_dir, _, _ = runs
+  whole = run_main(tmp_path / "whole", *TINY, *SHRINK_FLAGS, devices=8, wait=False)  # One run per core.
+  proc = run_main(tmp_path / "killed", *TINY, *SHRINK_FLAGS, devices=8, wait=False)
+  checkpoints, deadline = tmp_path / "killed" / "checkpoints", time.time() + 400
+  while time.time() < deadline and not (checkpoints / str(2 * STEPS)).exists():  # Saved after the shrink.
+    assert proc.poll() is None, proc.stdout.read()
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) < 4 * STEPS
+  out = run_main(tmp_path / "killed", *TINY, *SHRINK_FLAGS, devices=8).stdout
+  assert "resuming from step" in out and "8 cpu device(s)" in out
+  assert whole.wait(timeout=600) == 0, whole.stdout.read()
+  got, reference = final_params(tmp_path / "killed"), final_params(tmp_path / "whole")
+  assert jax.tree.map(np.shape, got) == jax.tree.map(np.shape, reference)
+  assert sum(np.size(x) for x in jax.tree.leaves(got["params"])) < sum(
+      np.size(x) for x in jax.tree.leaves(final_params(wide_dir)["params"]))  # It did shrink, on 8 devices.
+  assert_trees_close(got, reference, rtol=1e-6, atol=1e-7)
