@@ -10,7 +10,8 @@ and aggregate to mean ± standard deviation:
 
 Writes OUTPUT_DIR/comparison.md (per method and ratio: validation and test accuracy trained, right after
 pruning, after fine-tuning, and the paper's convention, the best test accuracy over epochs, where the runs
-evaluated test every epoch; importance shares below 0.05 and above 0.5) and PNG figures: overlaid
+evaluated test every epoch; importance shares below 0.05 and above 0.5; the training cost, wall time and
+MAC-epochs, so a shrinking run (config.shrink) sits beside a train-then-prune one) and PNG figures: overlaid
 importance distributions and test accuracy vs pruning ratio.
 """
 
@@ -102,10 +103,33 @@ def comparison_table(groups: Mapping[str, Sequence[str]]) -> str:
   return "\n".join(lines)
 
 
+def cost_table(groups: Mapping[str, Sequence[str]]) -> str:
+  """Markdown: per label, the training cost (mean over seeds): wall time, MAC-epochs (`plots.mac_epochs`),
+  channels removed while training, and both costs relative to the first label's (a shrinking run beside a
+  train-then-prune run)."""
+  rows, base = [], None
+  for label, workdirs in groups.items():
+    epochs = [plots.read_epochs(w) for w in workdirs]
+    seconds = plots.mean_std([plots.total_seconds(e) for e in epochs])[0]
+    macs = [plots.mac_epochs(e) for e in epochs]
+    mac_epochs = None if any(m is None for m in macs) else plots.mean_std(macs)[0]
+    shrunk = plots.mean_std([sum(int(x.get("shrink_removed_channels", 0)) for x in e) for e in epochs])[0]
+    base = base or (seconds, mac_epochs)
+    relative = lambda v, b: f"{b / v:.2f}x" if v and b else ""
+    rows.append(f"| {label} | {len(workdirs)} | {seconds:.1f} | {relative(seconds, base[0])} | "
+                f"{'' if mac_epochs is None else f'{mac_epochs / 1e6:.2f}'} | {relative(mac_epochs, base[1])} | "
+                f"{shrunk:.0f} |")
+  head = ["| method | seeds | train s | cheaper than first | M MAC-epochs | cheaper than first | channels shrunk |",
+          "|---|---:|---:|---:|---:|---:|---:|"]
+  return "\n".join([*head, *rows, "", "Training cost, mean over seeds: wall time of the training epochs "
+                     "(compiles included) and MAC-epochs (MACs of one input of the network each epoch trained, "
+                     "summed); 'cheaper than first': the first method's cost over this one's."])
+
+
 def compare(groups: Mapping[str, Sequence[str]], output_dir: str) -> str:
-  """Writes comparison.md and the figures into `output_dir`; returns the table."""
+  """Writes comparison.md and the figures into `output_dir`; returns the tables."""
   check_seed_groups(groups)
-  table = comparison_table(groups)  # Reads everything first: a missing run fails before any write.
+  table = comparison_table(groups) + "\n\n" + cost_table(groups)  # Reads everything before any write.
   out = wd.path(output_dir)
   wd.write_text(out / "comparison.md", table + "\n")
   plots.importance_distribution(groups, out / "importances.png")

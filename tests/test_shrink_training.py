@@ -16,7 +16,11 @@ import numpy as np
 import pytest
 from test_train import QUICKSTART, TINY, assert_trees_close, final_params, load_config, run_main
 
-from receding_jax.training import checkpointing, loop
+from receding_jax import compare
+from receding_jax.errors import InputError
+from receding_jax.pruning import criteria
+from receding_jax.training import checkpointing, loop, plots
+from receding_jax.training.pruned_checkpoint import prune_checkpoint
 
 # The shrink: at the end of epoch 2 of 4, every channel at or below importance 0.5 (many, this early),
 # within 30% of the prunable channels; then one check per epoch.
@@ -156,3 +160,30 @@ def test_a_run_killed_after_a_shrink_on_8_devices_resumes_to_the_uninterrupted_r
   assert sum(np.size(x) for x in jax.tree.leaves(got["params"])) < sum(
       np.size(x) for x in jax.tree.leaves(final_params(wide_dir)["params"]))  # It did shrink, on 8 devices.
   assert_trees_close(got, reference, rtol=1e-6, atol=1e-7)
+
+
+def test_compare_puts_the_shrinking_run_beside_the_wide_one_with_its_lower_mac_epochs(runs):
+  wide_dir, shrunk_dir, _ = runs
+  wide, shrunk = (plots.read_epochs(d) for d in (wide_dir, shrunk_dir))
+  assert plots.mac_epochs(wide) == 4 * wide[0]["macs"]  # The same network every epoch.
+  assert plots.mac_epochs(shrunk) == sum(e["macs"] for e in shrunk) < plots.mac_epochs(wide)
+  table = compare.cost_table({"train-then-prune": [str(wide_dir)], "shrink": [str(shrunk_dir)]})
+  row = next(line for line in table.splitlines() if line.startswith("| shrink |"))
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  assert cells[4] == f"{plots.mac_epochs(shrunk) / 1e6:.2f}"
+  assert cells[5] == f"{plots.mac_epochs(wide) / plots.mac_epochs(shrunk):.2f}x" and float(cells[5][:-1]) > 1
+  assert int(cells[6]) == sum(e.get("shrink_removed_channels", 0) for e in shrunk) > 0
+
+
+def test_pruning_a_shrunk_checkpoint_counts_the_unshrunk_networks_channels(runs, tmp_path):
+  _, shrunk_dir, _ = runs
+  book = final_params(shrunk_dir)["shrink"]
+  total, removed = int(book["prunable"]), int(book["removed"])
+  report = prune_checkpoint(shrunk_dir / "checkpoints", tmp_path / "p50", ratio=0.5, min_channels=1)
+  assert report["shrunk_while_training"]["removed"] == removed
+  gone = removed + sum(report["widths_before"]) - sum(report["widths_after"])
+  assert gone == criteria.removal_count(0.5, total)  # What 50% removes from the unshrunk network.
+  assert report["removed_fraction"] == pytest.approx(gone / total)
+  with pytest.raises(InputError, match=f"already removed {removed}"):
+    prune_checkpoint(shrunk_dir / "checkpoints", tmp_path / "p01", ratio=0.01)
+  assert not (tmp_path / "p01").exists() or not any((tmp_path / "p01").iterdir())

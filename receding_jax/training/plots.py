@@ -128,3 +128,14 @@ def max_test_accuracy(epochs: Sequence[Mapping]) -> float | None:
 def total_seconds(epochs: Sequence[Mapping]) -> float:
   """The epochs' wall times (`epoch_seconds`, evaluation included) summed over every attempt of a run."""
   return sum(float(e.get("epoch_seconds", 0.0)) for e in epochs)
+
+
+def mac_epochs(epochs: Sequence[Mapping]) -> float | None:
+  """Training cost in MAC-epochs: the MACs of one input of the network each epoch trained (`macs`, which
+  falls as a run shrinks), summed over the epochs (the last attempt of each); None for runs recorded
+  before epochs carried `macs`. Times examples per epoch x ~3 (forward and backward) gives the MACs spent."""
+  last = last_per_epoch(list(epochs))
+  if not last or any("macs" not in e for e in last):
+    return None
+  return float(sum(e["macs"] for e in last))
+

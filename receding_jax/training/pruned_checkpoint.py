@@ -22,6 +22,7 @@ import numpy as np
 from receding_jax import pruning
 from receding_jax.compile_clock import timed
 from receding_jax.errors import InputError
+from receding_jax.importances import neuron_importances
 from receding_jax.training import checkpointing, evaluation, model_specs, workdir_files
 from receding_jax.training import workdir as wd
 from receding_jax.training.shrinking import BOOK_KEY, SHRUNK_KEY
@@ -151,8 +152,11 @@ def _counts(model: nn.Module, variables: Any, narrow_model: nn.Module, narrow_va
   share of those groups' channels removed (beside the criterion's ratio: ties, min_channels and
   channel_multiple move it)."""
   wide, narrow = pruning.trace(model, variables, inputs), pruning.trace(narrow_model, narrow_variables, inputs)
-  before, after = ({g.name: g.size for g in pruning.criteria.selected(t.groups, prune_streams, False, keep_groups)}
-                   for t in (wide, narrow))
+  before = {g.name: g.size for g in pruning.criteria.selected(wide.groups, prune_streams, False, keep_groups)}
+  # Every narrow group, and the norms' widths: a group pruned to one channel is no group of the narrow
+  # trace at all (a size-1 axis reads as a broadcast), but its norm still says its width.
+  after = {**{p: int(np.size(v)) for p, v in neuron_importances(narrow_variables).items()},
+           **{g.name: g.size for g in narrow.groups}}
   return {
       "params_before": pruning.count_params(variables),
       "params_after": pruning.count_params(narrow_variables),
