@@ -19,7 +19,7 @@ from test_train import QUICKSTART, TINY, assert_trees_close, final_params, load_
 from receding_jax import compare
 from receding_jax.errors import InputError
 from receding_jax.pruning import criteria
-from receding_jax.training import checkpointing, loop, plots
+from receding_jax.training import checkpointing, loop, plots, shrinking
 from receding_jax.training.pruned_checkpoint import prune_checkpoint
 
 # The shrink: at the end of epoch 2 of 4, every channel at or below importance 0.5 (many, this early),
@@ -28,6 +28,7 @@ SHRINK_FLAGS = ["--config.optim.num_epochs=4", "--config.checkpoint.keep_last=5"
                 "--config.shrink.threshold=0.5", "--config.shrink.patience=1", "--config.shrink.start_epoch=2",
                 "--config.shrink.every_epochs=1", "--config.shrink.max_ratio=0.3"]
 STEPS = 18  # Per epoch.
+QUICKSTART_SHRINK = QUICKSTART.with_name("quickstart_shrink.py")
 
 
 def tiny_config(shrink: bool):
@@ -187,3 +188,11 @@ def test_pruning_a_shrunk_checkpoint_counts_the_unshrunk_networks_channels(runs,
   with pytest.raises(InputError, match=f"already removed {removed}"):
     prune_checkpoint(shrunk_dir / "checkpoints", tmp_path / "p01", ratio=0.01)
   assert not (tmp_path / "p01").exists() or not any((tmp_path / "p01").iterdir())
+
+
+def test_checks_follow_the_config_and_never_come_after_the_last_epoch():
+  assert [e for e in range(1, 5) if shrinking.is_check(tiny_config(True), e)] == [2, 3]
+  c = load_config(QUICKSTART_SHRINK)  # Every 2 epochs from epoch 4, 15 epochs.
+  assert [e for e in range(1, 16) if shrinking.is_check(c, e)] == [4, 6, 8, 10, 12, 14]
+  c.shrink.enabled = False
+  assert not any(shrinking.is_check(c, e) for e in range(1, 16))

@@ -31,9 +31,11 @@ SHRUNK_KEY = "shrunk"
 
 
 def is_check(config: ml_collections.ConfigDict, epochs_done: int) -> bool:
-  """Whether the end of epoch `epochs_done` (counted from 1) is a shrink check."""
+  """Whether the end of epoch `epochs_done` (counted from 1) is a shrink check; never the last epoch's end,
+  where a shrink would compile a narrow network that no step trains."""
   s = config.shrink
-  return bool(s.enabled) and epochs_done >= s.start_epoch and (epochs_done - s.start_epoch) % s.every_epochs == 0
+  return (bool(s.enabled) and s.start_epoch <= epochs_done < config.optim.num_epochs
+          and (epochs_done - s.start_epoch) % s.every_epochs == 0)
 
 
 def _selected(model: Any, variables: Any, spec: Mapping[str, Any], prune_streams: bool):
