@@ -10,9 +10,16 @@ and after fine-tuning; then medians over seeds and the ratios shrinking / train-
 benchmarks/shrink_compare.json and prints a markdown table. Both runs have the persistent compilation
 cache off, so that every run compiles what it needs (a warm cache would favour whichever ran second).
 
+`--preset vgg` makes the same comparison on the CPU demonstration (docs/cpu_demo.md): VGG-16 at 1/4 width on
+the real CIFAR-10 with rni (configs/cifar10_folder.py:rni, 12 epochs, pruned at 50/70/90%), the shrinking run
+adding shrink.enabled=True, threshold 0.01, start_epoch 2, every_epochs 2, patience 1, max_ratio 0.5; seed 0,
+written to benchmarks/shrink_compare_vgg.json. `--parallel` starts the two runs of a seed at the same time
+(so that other load on the machine weighs on both alike) and waits for both.
+
 Run from the repository root (a workdir whose results.json exists is not run again, so it resumes):
   python benchmarks/shrink_compare.py --seeds 0 1 2 [--out /tmp/shrink_compare]
       [--config_extra shrink.patience=1 ...]   # passed to the shrinking run only
+  python benchmarks/shrink_compare.py --preset vgg --parallel --out /tmp/shrink_vgg
 """
 
 from __future__ import annotations
@@ -30,32 +37,67 @@ from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RATIOS = (0.5, 0.7, 0.9)
-METHODS = {"train_then_prune": "configs/quickstart.py", "shrinking": "configs/quickstart_shrink.py"}
+METHODS = ("train_then_prune", "shrinking")
+#: Per preset and method, the config overrides (`--config...` flags) besides workdir, seed, ratios and cache.
+PRESETS: dict[str, dict[str, list[str]]] = {
+    "quickstart": {
+        "train_then_prune": ["--config=configs/quickstart.py"],
+        "shrinking": ["--config=configs/quickstart_shrink.py", f"--config.shrink.max_ratio={min(RATIOS)}"],
+    },
+    "vgg": {
+        "train_then_prune": ["--config=configs/cifar10_folder.py:rni"],
+        "shrinking": ["--config=configs/cifar10_folder.py:rni", "--config.shrink.enabled=True",
+                      "--config.shrink.threshold=0.01", "--config.shrink.start_epoch=2",
+                      "--config.shrink.every_epochs=2", "--config.shrink.patience=1",
+                      f"--config.shrink.max_ratio={min(RATIOS)}"],
+    },
+}
+JSON_NAMES = {"quickstart": "shrink_compare.json", "vgg": "shrink_compare_vgg.json"}
 SHRINK_LINE = "shrink after epoch"
 
 
-def command(method: str, seed: int, workdir: pathlib.Path, extra: Sequence[str]) -> list[str]:
+def command(method: str, seed: int, workdir: pathlib.Path, extra: Sequence[str],
+            preset: str = "quickstart") -> list[str]:
   """The `python -m receding_jax.main` command line of one method and seed."""
-  args = [sys.executable, "-m", "receding_jax.main", f"--config={METHODS[method]}", f"--workdir={workdir}",
+  base, *overrides = PRESETS[preset][method]
+  args = [sys.executable, "-m", "receding_jax.main", base, f"--workdir={workdir}",
           f"--config.seed={seed}", f"--config.prune.ratios=({','.join(str(r) for r in RATIOS)})",
-          "--config.compilation_cache_dir="]
+          "--config.compilation_cache_dir=", *overrides]
   if method == "shrinking":
-    args += [f"--config.shrink.max_ratio={min(RATIOS)}"] + [f"--config.{kv}" for kv in extra]
+    args += [f"--config.{kv}" for kv in extra]
   return args
 
 
-def run_workdir(method: str, seed: int, workdir: pathlib.Path, extra: Sequence[str]) -> None:
-  """Runs one workdir unless its results.json exists; the console goes to <workdir>.log (appended)."""
+def start_workdir(method: str, seed: int, workdir: pathlib.Path, extra: Sequence[str],
+                  preset: str) -> subprocess.Popen | None:
+  """Starts one workdir's run unless its results.json exists; the console goes to <workdir>.log (appended)."""
   if (workdir / "results.json").exists():
     print(f"{workdir}: done, skipped", flush=True)
-    return
-  args = command(method, seed, workdir, extra)
+    return None
+  args = command(method, seed, workdir, extra, preset)
   print(" ".join(args), flush=True)
   workdir.parent.mkdir(parents=True, exist_ok=True)
   with open(f"{workdir}.log", "a") as log:
-    done = subprocess.run(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
-  if done.returncode != 0:
-    raise SystemExit(f"{workdir}: exit status {done.returncode}; see {workdir}.log")
+    return subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_all(runs: dict[pathlib.Path, subprocess.Popen | None]) -> None:
+  """Waits for every started run; exits naming each that failed (after all have ended)."""
+  failed = [f"{workdir}: exit status {code}; see {workdir}.log" for workdir, proc in runs.items()
+            if proc is not None and (code := proc.wait()) != 0]
+  if failed:
+    raise SystemExit("\n".join(failed))
+
+
+def run_seed(seed: int, out: pathlib.Path, extra: Sequence[str], preset: str, parallel: bool) -> None:
+  """Runs both methods of one seed: one after the other, or (parallel) both at once."""
+  runs: dict[pathlib.Path, subprocess.Popen | None] = {}
+  for method in METHODS:
+    workdir = out / f"seed{seed}" / method
+    runs[workdir] = start_workdir(method, seed, workdir, extra if method == "shrinking" else [], preset)
+    if not parallel:
+      wait_all({workdir: runs[workdir]})
+  wait_all(runs)
 
 
 def epochs(path: pathlib.Path) -> list[dict[str, Any]]:
@@ -192,30 +234,35 @@ def seed_table(per_seed: dict[str, dict[str, Any]]) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--preset", choices=sorted(PRESETS), default="quickstart",
+                      help="quickstart (configs/quickstart*.py) or vgg (configs/cifar10_folder.py:rni, seed 0)")
   parser.add_argument("--seeds", type=int, nargs="+", default=[0])
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("/tmp/shrink_compare"))
   parser.add_argument("--config_extra", action="append", default=[], metavar="KEY=VALUE",
                       help="a config override for the shrinking run only (repeatable), e.g. shrink.patience=1")
-  parser.add_argument("--json", type=pathlib.Path, default=ROOT / "benchmarks" / "shrink_compare.json")
-  return parser.parse_args(argv)
+  parser.add_argument("--parallel", action="store_true", help="start the two runs of a seed at the same time")
+  parser.add_argument("--json", type=pathlib.Path, default=None,
+                      help="default benchmarks/shrink_compare.json (quickstart) or shrink_compare_vgg.json (vgg)")
+  args = parser.parse_args(argv)
+  if args.json is None:
+    args.json = ROOT / "benchmarks" / JSON_NAMES[args.preset]
+  return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
   args = parse_args(argv)
   per_seed: dict[str, dict[str, Any]] = {}
   for seed in args.seeds:
-    per_seed[str(seed)] = {}
-    for method in METHODS:
-      workdir = args.out / f"seed{seed}" / method
-      run_workdir(method, seed, workdir, args.config_extra if method == "shrinking" else [])
-      per_seed[str(seed)][method] = method_metrics(workdir)
+    run_seed(seed, args.out, args.config_extra, args.preset, args.parallel)
+    per_seed[str(seed)] = {m: method_metrics(args.out / f"seed{seed}" / m) for m in METHODS}
   med = medians(per_seed)
   base, shrunk = med["train_then_prune"], med["shrinking"]
   result = {
       "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), "device": device(),
       "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-      "example_commands": {m: command(m, args.seeds[0], args.out / f"seed{args.seeds[0]}" / m, args.config_extra)[1:]
-                           for m in METHODS},
+      "preset": args.preset, "parallel": args.parallel,
+      "example_commands": {m: command(m, args.seeds[0], args.out / f"seed{args.seeds[0]}" / m, args.config_extra,
+                                      args.preset)[1:] for m in METHODS},
       "config_extra": args.config_extra, "seeds": args.seeds, "per_seed": per_seed, "medians": med,
       "shrink_over_unshrunk": {k: ratio(shrunk.get(k), base.get(k)) for k in (
           "train_wall_seconds", "compile_seconds", "mac_epochs_millions", "train_phase_seconds")},

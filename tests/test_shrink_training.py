@@ -184,7 +184,8 @@ def test_pruning_a_shrunk_checkpoint_counts_the_unshrunk_networks_channels(runs,
   assert report["shrunk_while_training"]["removed"] == removed
   gone = removed + sum(report["widths_before"]) - sum(report["widths_after"])
   assert gone == criteria.removal_count(0.5, total)  # What 50% removes from the unshrunk network.
-  assert report["removed_fraction"] == pytest.approx(gone / total)
+  assert report["removed_fraction"] == pytest.approx(gone / total) and report["criterion"]["ratio"] == 0.5
+  assert "shrunk" not in checkpointing.read_step(tmp_path / "p50")[1]  # Pruned: pruning it again is refused.
   with pytest.raises(InputError, match=f"already removed {removed}"):
     prune_checkpoint(shrunk_dir / "checkpoints", tmp_path / "p01", ratio=0.01)
   assert not (tmp_path / "p01").exists() or not any((tmp_path / "p01").iterdir())

@@ -189,18 +189,10 @@ def _train_and_evaluate(
     init_variables: Mapping[str, Any] | None, skip_damaged: bool, label: str,
 ) -> dict[str, Any]:
   spec = dict(spec or model_spec(config))
-  roles = splits.evaluation_roles(config)
-  shards = data.load_splits(config, ("train", *roles))
-  placement = data.choose_placement(config, shards)
-  mesh = make_mesh()
-  train_feed = data.train_feed(config, shards["train"], mesh, placement)
-  eval_feeds = {r: data.eval_feed(config, shards[r], mesh, placement, r) for r in roles}
-  # Validation if carved, else test, every epoch; all at the end (test every epoch too if asked, for the
-  # paper's convention: the best test accuracy over epochs).
-  every_epoch = {r: eval_feeds[r] for r in roles if r == roles[0] or config.eval_test_every_epoch}
-  steps_per_epoch = train_feed.steps
-  build = lambda s: make_trainer(config, model_specs.build_model(s), steps_per_epoch, mesh, prepare=train_feed.prepare,
-                                 prepare_eval=eval_feeds[roles[0]].prepare)
+  placement, mesh, train_feed, eval_feeds, every_epoch = _feeds(config)
+  steps_per_epoch, first = train_feed.steps, next(iter(eval_feeds.values()))
+  build = lambda s: make_trainer(config, model_specs.build_model(s), steps_per_epoch, mesh,
+                                 prepare=train_feed.prepare, prepare_eval=first.prepare)
   manager_factory = lambda: checkpointing.make_manager(
       workdir.checkpoint_dir(workdir_path), keep_last=config.checkpoint.keep_last,
       keep_best=config.checkpoint.keep_best, best_metric="validation_accuracy")
@@ -246,6 +238,20 @@ def _train_and_evaluate(
   writer.close()
   manager.close()
   return summary
+
+
+def _feeds(config: ml_collections.ConfigDict) -> tuple[str, jax.sharding.Mesh, data.Feed, dict[str, data.Feed],
+                                                      dict[str, data.Feed]]:
+  """(data placement, the mesh, the training feed, the evaluation feeds by role, those evaluated every epoch): the
+  validation split if carved, else test, every epoch; all at the end (test every epoch too if asked, for
+  the paper's convention: the best test accuracy over epochs)."""
+  roles = splits.evaluation_roles(config)
+  shards = data.load_splits(config, ("train", *roles))
+  placement = data.choose_placement(config, shards)
+  mesh = make_mesh()
+  eval_feeds = {r: data.eval_feed(config, shards[r], mesh, placement, r) for r in roles}
+  every_epoch = {r: eval_feeds[r] for r in roles if r == roles[0] or config.eval_test_every_epoch}
+  return placement, mesh, data.train_feed(config, shards["train"], mesh, placement), eval_feeds, every_epoch
 
 
 def _cost(run: _Run) -> dict[str, int]:

@@ -57,13 +57,7 @@ def prune_checkpoint(
   Returns the report. Multi-host: every process calls it (orbax saves together); only process 0 writes the
   report, atomically and last, so its presence means the pruned checkpoint is complete.
   """
-  source_dir, output = wd.path(checkpoint_dir), wd.path(output_dir)
-  if not wd.is_empty(output):
-    raise FileExistsError(f"output_dir {output_dir} exists and is not empty; refusing to overwrite it")
-  if not source_dir.is_dir():
-    raise FileNotFoundError(f"checkpoint_dir {checkpoint_dir} does not exist")
-  if model_factory is not None:
-    model_specs.import_factory(model_factory)  # A bad name fails before the checkpoint is read.
+  source_dir, output = _check_request(checkpoint_dir, output_dir, model_factory)
   reason = None
   if isinstance(step, str):
     step, reason = evaluation.choose_step(source_dir, step)
@@ -74,6 +68,9 @@ def prune_checkpoint(
   model = model_specs.build_model(spec) if shrunk else model_specs.base_model(spec)
   inputs = model_specs.example_inputs(spec)
   variables = {k: jax.device_get(state[k]) for k in ("params", "batch_stats") if k in state}
+  criterion = {"ratio": ratio, "mac_reduction": mac_reduction if flop_reduction is None else flop_reduction,
+               "threshold": threshold, "scope": scope, "min_channels": min_channels,
+               "channel_multiple": channel_multiple, "prune_streams": prune_streams}  # As given.
   if shrunk:  # Narrowed while it trained: the criterion counts the unshrunk network's channels and MACs.
     ratio, mac_reduction = unshrunk_criterion(state[BOOK_KEY], ratio, mac_reduction,
                                               pruning.count_macs(model, inputs, variables=variables))
@@ -84,32 +81,35 @@ def prune_checkpoint(
       prune_streams=prune_streams, seconds=seconds,  # 'analysis', 'slicing', 'check'.
       flop_reduction=flop_reduction,
   )
-  narrow_spec = {**spec, "pruned": getattr(narrow_model, "pruned_overrides", {})}
+  # A pruned network is pruned (not shrinking) whatever it came from: pruning it again is refused.
+  narrow_spec = {**{k: v for k, v in spec.items() if k != SHRUNK_KEY},
+                 "pruned": getattr(narrow_model, "pruned_overrides", {})}
   with timed(seconds, "count"):
     counts = _counts(model, variables, narrow_model, narrow_variables, inputs, prune_streams, keep_groups)
-  report = {
-      "source": os.fspath(source_dir), "source_step": source_step,
-      "criterion": {"ratio": ratio, "mac_reduction": mac_reduction if flop_reduction is None else flop_reduction,
-                    "threshold": threshold,
-                    "scope": scope, "min_channels": min_channels, "channel_multiple": channel_multiple,
-                    "prune_streams": prune_streams},
-      **counts,
-  }
+  report = {"source": os.fspath(source_dir), "source_step": source_step, "criterion": criterion, **counts}
   if reason is not None:
     report["source_step_reason"] = reason
   if shrunk:
-    book = state[BOOK_KEY]
-    report["shrunk_while_training"] = {k: int(book[k]) for k in ("prunable", "removed", "macs", "params")}
-    report["removed_fraction"] = (int(book["removed"]) + sum(counts["widths_before"]) - sum(counts["widths_after"])
-                                  ) / max(int(book["prunable"]), 1)
+    report.update(_shrunk_counts(state[BOOK_KEY], counts))
   workdir_files.sync(f"checked {output}")  # No process may see another's new output_dir as taken.
   with timed(seconds, "save"):
-    target = checkpointing.make_manager(output)
-    checkpointing.save(target, 0, {**narrow_variables, "step": np.int64(0)}, narrow_spec)
-    target.close()
+    _save(output, narrow_variables, narrow_spec)
   report["seconds"] = seconds
   wd.write_report(output, report)
   return report
+
+
+def _check_request(checkpoint_dir: wd.PathLike, output_dir: wd.PathLike, model_factory: str | None):
+  """(source, output) paths, checked before anything is read: the output free, the source there, the
+  factory importable."""
+  source_dir, output = wd.path(checkpoint_dir), wd.path(output_dir)
+  if not wd.is_empty(output):
+    raise FileExistsError(f"output_dir {output_dir} exists and is not empty; refusing to overwrite it")
+  if not source_dir.is_dir():
+    raise FileNotFoundError(f"checkpoint_dir {checkpoint_dir} does not exist")
+  if model_factory is not None:
+    model_specs.import_factory(model_factory)  # A bad name fails before the checkpoint is read.
+  return source_dir, output
 
 
 def _read_source(source_dir, step: int | None, model_factory: str | None,
@@ -144,6 +144,21 @@ def unshrunk_criterion(book: Any, ratio: float | None, mac_reduction: float | No
                        f"shrinking during training already left {macs_now:,}: prune at a higher reduction")
     mac_reduction = 1.0 - wanted / macs_now
   return ratio, mac_reduction
+
+
+def _save(output: Any, variables: Any, spec: dict[str, Any]) -> None:
+  """The pruned network as step 0 of a new checkpoint in `output`."""
+  target = checkpointing.make_manager(output)
+  checkpointing.save(target, 0, {**variables, "step": np.int64(0)}, spec)
+  target.close()
+
+
+def _shrunk_counts(book: Any, counts: dict[str, Any]) -> dict[str, Any]:
+  """What a report of a network that shrank while it trained adds: the unshrunk network's counts and
+  what shrinking removed, and the share removed of the unshrunk network's prunable channels."""
+  removed = int(book["removed"]) + sum(counts["widths_before"]) - sum(counts["widths_after"])
+  return {"shrunk_while_training": {k: int(book[k]) for k in ("prunable", "removed", "macs", "params")},
+          "removed_fraction": removed / max(int(book["prunable"]), 1)}
 
 
 def _counts(model: nn.Module, variables: Any, narrow_model: nn.Module, narrow_variables: Any, inputs: Any,
