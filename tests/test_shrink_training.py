@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from test_train import QUICKSTART, TINY, assert_trees_close, final_params, load_config, run_main
 
-from receding_jax import compare
+from receding_jax import compare, compile_clock
 from receding_jax.errors import InputError
 from receding_jax.pruning import criteria
 from receding_jax.training import checkpointing, loop, plots, shrinking
@@ -43,13 +43,17 @@ def tiny_config(shrink: bool):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """(wide workdir, shrinking workdir, shrinking run's console) of the same tiny quickstart."""
+  """(wide workdir, shrinking workdir, shrinking run's console, {run: XLA compilations by function}) of the
+  same tiny quickstart."""
   root = tmp_path_factory.mktemp("shrinking")
-  loop.train_and_evaluate(tiny_config(False), str(root / "wide"))
-  console = io.StringIO()
-  with contextlib.redirect_stdout(console):
+  console, compiles = io.StringIO(), {}
+  with compile_clock.Clock() as clock:
+    loop.train_and_evaluate(tiny_config(False), str(root / "wide"))
+  compiles["wide"] = clock.as_dict()["compile_counts"]
+  with contextlib.redirect_stdout(console), compile_clock.Clock() as clock:
     loop.train_and_evaluate(tiny_config(True), str(root / "shrunk"))
-  return root / "wide", root / "shrunk", console.getvalue()
+  compiles["shrunk"] = clock.as_dict()["compile_counts"]
+  return root / "wide", root / "shrunk", console.getvalue(), compiles
 
 
 def step_state(workdir: pathlib.Path, step: int):
@@ -96,7 +100,7 @@ def apply(cut, array: np.ndarray) -> np.ndarray:
 
 
 def test_a_shrink_keeps_params_statistics_and_momentum_of_the_surviving_channels_exactly(runs):
-  wide_dir, shrunk_dir, _ = runs
+  wide_dir, shrunk_dir, *_ = runs
   wide, _ = step_state(wide_dir, 2 * STEPS)
   narrow, spec = step_state(shrunk_dir, 2 * STEPS)  # Saved right after the shrink at the end of epoch 2.
   assert spec["shrunk"] and spec["pruned"] and int(narrow["step"]) == int(wide["step"]) == 2 * STEPS
@@ -123,7 +127,7 @@ def test_a_shrink_keeps_params_statistics_and_momentum_of_the_surviving_channels
 
 
 def test_the_console_and_records_show_each_shrink_and_the_falling_cost(runs):
-  _, shrunk_dir, console = runs
+  _, shrunk_dir, console, compiles = runs
   epochs = {}
   for line in (shrunk_dir / "metrics.jsonl").read_text().splitlines():
     record = json.loads(line)
@@ -133,6 +137,9 @@ def test_the_console_and_records_show_each_shrink_and_the_falling_cost(runs):
   assert shrinks and shrinks[0]["epoch"] == 2
   removed = shrinks[0]["shrink_removed_channels"]
   assert f"shrink after epoch 2: removed {removed} channels" in console
+  # Each shrink costs one compile of the narrow train step (and of its evaluation), nothing more.
+  assert compiles["wide"]["train_chunk"] == 1
+  assert compiles["shrunk"]["train_chunk"] == 1 + len(shrinks) == 1 + console.count("shrink after epoch")
   assert epochs[3]["params"] == shrinks[0]["shrink_params_after"] < epochs[1]["params"]
   assert epochs[4]["macs"] <= epochs[3]["macs"] < epochs[1]["macs"]
   assert all(e["epoch_seconds"] > 0 for e in epochs.values())
@@ -142,7 +149,7 @@ def test_the_console_and_records_show_each_shrink_and_the_falling_cost(runs):
 
 
 def test_a_run_killed_after_a_shrink_on_8_devices_resumes_to_the_uninterrupted_result(runs, tmp_path):
-  wide_dir, _, _ = runs
+  wide_dir, *_ = runs
   whole = run_main(tmp_path / "whole", *TINY, *SHRINK_FLAGS, devices=8, wait=False)  # One run per core.
   proc = run_main(tmp_path / "killed", *TINY, *SHRINK_FLAGS, devices=8, wait=False)
   checkpoints, deadline = tmp_path / "killed" / "checkpoints", time.time() + 400
@@ -164,7 +171,7 @@ def test_a_run_killed_after_a_shrink_on_8_devices_resumes_to_the_uninterrupted_r
 
 
 def test_compare_puts_the_shrinking_run_beside_the_wide_one_with_its_lower_mac_epochs(runs):
-  wide_dir, shrunk_dir, _ = runs
+  wide_dir, shrunk_dir, *_ = runs
   wide, shrunk = (plots.read_epochs(d) for d in (wide_dir, shrunk_dir))
   assert plots.mac_epochs(wide) == 4 * wide[0]["macs"]  # The same network every epoch.
   assert plots.mac_epochs(shrunk) == sum(e["macs"] for e in shrunk) < plots.mac_epochs(wide)
@@ -177,7 +184,7 @@ def test_compare_puts_the_shrinking_run_beside_the_wide_one_with_its_lower_mac_e
 
 
 def test_pruning_a_shrunk_checkpoint_counts_the_unshrunk_networks_channels(runs, tmp_path):
-  _, shrunk_dir, _ = runs
+  _, shrunk_dir, *_ = runs
   book = final_params(shrunk_dir)["shrink"]
   total, removed = int(book["prunable"]), int(book["removed"])
   report = prune_checkpoint(shrunk_dir / "checkpoints", tmp_path / "p50", ratio=0.5, min_channels=1)
