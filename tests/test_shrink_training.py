@@ -20,7 +20,7 @@ from receding_jax import compare, compile_clock
 from receding_jax.errors import InputError
 from receding_jax.pruning import criteria
 from receding_jax.training import checkpointing, loop, plots, shrinking
-from receding_jax.training.pruned_checkpoint import prune_checkpoint
+from receding_jax.training.pruned_checkpoint import format_report, prune_checkpoint
 
 # The shrink: at the end of epoch 2 of 4, every channel at or below importance 0.5 (many, this early),
 # within 30% of the prunable channels; then one check per epoch.
@@ -193,6 +193,8 @@ def test_pruning_a_shrunk_checkpoint_counts_the_unshrunk_networks_channels(runs,
   assert gone == criteria.removal_count(0.5, total)  # What 50% removes from the unshrunk network.
   assert report["removed_fraction"] == pytest.approx(gone / total) and report["criterion"]["ratio"] == 0.5
   assert "shrunk" not in checkpointing.read_step(tmp_path / "p50")[1]  # Pruned: pruning it again is refused.
+  kept = total - gone
+  assert f"| prunable channels (unshrunk) | {total:,} | {kept:,} | {kept / total:.3f} |" in format_report(report)
   with pytest.raises(InputError, match=f"already removed {removed}"):
     prune_checkpoint(shrunk_dir / "checkpoints", tmp_path / "p01", ratio=0.01)
   assert not (tmp_path / "p01").exists() or not any((tmp_path / "p01").iterdir())

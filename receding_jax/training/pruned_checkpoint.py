@@ -198,4 +198,10 @@ def format_report(report: dict[str, Any]) -> str:
   lines += [f"| {name} | {b:,} | {a:,} | {a / b:.3f} |" for name, b, a in rows]
   lines.append(f"| prunable channels | {sum(report['widths_before']):,} | {sum(report['widths_after']):,} | "
                f"{sum(report['widths_after']) / sum(report['widths_before']):.3f} |")
+  if "shrunk_while_training" in report:  # Before: the network before it shrank while training.
+    unshrunk = report["shrunk_while_training"]
+    for name, key, after in (("parameters (unshrunk)", "params", report["params_after"]),
+                             ("MACs (unshrunk)", "macs", report_macs(report)[1]),
+                             ("prunable channels (unshrunk)", "prunable", sum(report["widths_after"]))):
+      lines.append(f"| {name} | {unshrunk[key]:,} | {after:,} | {after / max(unshrunk[key], 1):.3f} |")
   return "\n".join(lines)
