@@ -1,7 +1,8 @@
 """Shrinking while training (config.shrink): the loop removes receded channels mid-run with exact bookkeeping,
 says so, records the cost, and a run killed after a shrink resumes (on 8 devices) to the uninterrupted result.
-8 devices against 1 is not compared over whole runs: from step 18 on, SGD amplifies the summation order's
-rounding (test_distributed_training compares 6 steps)."""
+8 devices against 1: a shrunk state laid out over 8 devices trains its next 6 steps like on 1 (whole runs are
+not compared: from step 18 on, SGD amplifies the summation order's rounding; test_distributed_training
+compares 6 steps without a shrink the same way)."""
 
 import contextlib
 import io
@@ -14,6 +15,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from multidevice import run_with_cpu_devices
 from test_train import QUICKSTART, TINY, assert_trees_close, final_params, load_config, run_main
 
 from receding_jax import compare, compile_clock
@@ -206,3 +208,55 @@ def test_checks_follow_the_config_and_never_come_after_the_last_epoch():
   assert [e for e in range(1, 16) if shrinking.is_check(c, e)] == [4, 6, 8, 10, 12, 14]
   c.shrink.enabled = False
   assert not any(shrinking.is_check(c, e) for e in range(1, 16))
+
+
+SHRUNK_EIGHT_VS_ONE = """
+import importlib.util, sys
+import jax, numpy as np
+from receding_jax.importances import neuron_importances
+from receding_jax.training import data, loop, model_specs, shrinking, steps
+from receding_jax.training.config import model_spec
+module = importlib.util.spec_from_file_location("q", sys.argv[1]); q = importlib.util.module_from_spec(module)
+module.loader.exec_module(q)
+config = q.get_config()
+config.model.width_multiplier, config.data.steps_per_dispatch = 0.25, 6
+config.shrink.enabled, config.shrink.threshold, config.shrink.patience, config.shrink.max_ratio = True, 0.3, 1, 0.3
+spec = model_spec(config)
+one_device = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+flat = lambda tree: np.concatenate([np.ravel(v) for v in jax.tree.leaves(tree)])
+shards = data.load_splits(config, ("train", "validation"))
+# Importances spread over (0, 1), the same on both meshes: some below the threshold.
+spread = lambda path, x: (np.random.default_rng(len(str(path))).normal(0.0, 2.0, x.shape).astype(x.dtype)
+                          if "scale_logit" in str(path) else x)
+out = []
+for mesh in (steps.make_mesh(), one_device):
+  feed = data.train_feed(config, shards["train"], mesh, "device")
+  feeds = {"validation": data.eval_feed(config, shards["validation"], mesh, "device", "validation")}
+  build = lambda s: steps.make_trainer(config, model_specs.build_model(s), feed.steps, mesh, prepare=feed.prepare,
+                                       prepare_eval=feeds["validation"].prepare)
+  state = build(spec).init()
+  state = {**state, "params": jax.device_put(jax.tree_util.tree_map_with_path(spread, jax.device_get(state["params"])),
+                                             state["step"].sharding)}
+  variables = jax.device_get({k: state[k] for k in ("params", "batch_stats")})
+  run = loop._Run(spec, build(spec), state, shrinking.new_book(spec, variables, False))
+  record = loop._shrink(config, build, run, neuron_importances(variables), {"epoch": 1}, feeds)
+  assert len(jax.tree.leaves(run.state["params"])[0].sharding.device_set) == mesh.devices.size
+  variables_now = lambda: flat(jax.device_get({k: run.state[k] for k in ("params", "batch_stats")}))
+  start = variables_now()
+  for chunk in feed.chunks(0, 0):
+    run.state, _ = run.trainer.train(run.state, chunk)
+    if int(run.state["step"]) == 6:
+      break
+  out.append((record["shrink_removed_channels"], start, variables_now()))
+(removed8, start8, end8), (removed1, start1, end1) = out
+assert removed8 == removed1 > 0 and np.array_equal(start8, start1)
+moved = np.linalg.norm(end1 - start1)
+print(removed1, moved, np.linalg.norm(end8 - end1) / moved)
+"""
+
+
+def test_a_shrunk_state_laid_out_over_8_devices_trains_like_on_one():
+  out = run_with_cpu_devices(SHRUNK_EIGHT_VS_ONE.replace("sys.argv[1]", repr(str(QUICKSTART))))
+  removed, moved, relative_difference = out.strip().splitlines()[-1].split()
+  assert int(removed) > 0 and float(moved) > 1.0
+  assert float(relative_difference) < 1e-3  # As test_distributed_training's 6 steps without a shrink.
