@@ -179,3 +179,31 @@ def test_nothing_below_the_threshold_returns_the_inputs_and_no_norm_is_refused()
   dense = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
   with pytest.raises(InputError):
     rj.shrink(dense, dense.init(jax.random.key(0), IMAGES[:1, 0, 0]), threshold=0.01, inputs=IMAGES[:1, 0, 0])
+
+
+def test_given_importances_and_max_removed_choose_what_goes_and_the_report_follows_the_channels():
+  model = LinenNet()
+  variables = model.init(jax.random.key(0), IMAGES[:1])
+  variables = {**variables, "params": recede(variables["params"], ["BoundedScaleNorm_0", "BoundedScaleNorm_1"])}
+  own = rj.neuron_importances(variables)
+  stale = {"BoundedScaleNorm_0": np.asarray(own["BoundedScaleNorm_0"]), "BoundedScaleNorm_1": np.full(8, np.inf)}
+  report = {}
+  shrunk = rj.shrink(model, variables, threshold=0.01, importances=stale, report=report)
+  assert shrunk.removed == {"BoundedScaleNorm_0": 2}  # norm1's receded channels are not stale yet.
+  np.testing.assert_array_equal(report["kept"]["BoundedScaleNorm_0"], KEEP[0])
+  assert "BoundedScaleNorm_1" not in report["kept"]
+  assert report["params_after"] == rj.pruning.count_params(shrunk.variables) < report["params_before"]
+  assert report["macs_after"] == rj.count_macs(shrunk.model, variables=shrunk.variables) < report["macs_before"]
+  # At most one channel: the least important of the stale ones (channel 1 at 1e-6, channel 4 at 0).
+  graded = np.ones(8)
+  graded[1], graded[4] = 1e-6, 0.0
+  one = rj.shrink(model, variables, threshold=0.01, importances={**stale, "BoundedScaleNorm_0": graded},
+                  max_removed=1)
+  assert one.removed == {"BoundedScaleNorm_0": 1}
+  np.testing.assert_array_equal(one.masks["BoundedScaleNorm_0"], np.arange(8) != 4)
+  none_stale = {name: np.full(8, np.inf) for name in stale}
+  assert rj.shrink(model, variables, threshold=0.01, importances=none_stale).removed == {}
+  with pytest.raises(InputError, match="norms the model does not have"):
+    rj.shrink(model, variables, threshold=0.01, importances={"norm9": np.zeros(8)})
+  with pytest.raises(InputError, match="max_removed"):
+    rj.shrink(model, variables, threshold=0.01, max_removed=-1)
