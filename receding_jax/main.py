@@ -16,6 +16,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -93,7 +95,17 @@ def _deliver_interrupts_until_they_land() -> None:
       os.kill(os.getpid(), signal.SIGINT)
 
   signal.signal(signal.SIGINT, handler)
+  sys.unraisablehook = quiet_lost_interrupts
   threading.Thread(target=repeat, name="repeat_interrupt", daemon=True).start()
+
+
+def quiet_lost_interrupts(unraisable: Any, report: Callable[[Any], None] = sys.__unraisablehook__) -> None:
+  """`sys.unraisablehook` that drops a KeyboardInterrupt raised where Python can only print it (a callback
+  of the garbage collector or of native code: 'Exception ignored in ... Traceback ...'); the repeated
+  SIGINT delivers it again. Every other unraisable exception is reported by `report` as usual."""
+  if isinstance(unraisable.exc_value, KeyboardInterrupt):
+    return
+  report(unraisable)
 
 
 def _exit_with_error(error: BaseException | str, status: int = 2) -> None:

@@ -3,11 +3,15 @@ and a live run's workdir is refused to a second run (split from test_train to ba
 
 import signal
 import socket
+import subprocess
+import sys
 import time
+import types
 
 import pytest
 from test_train import QUICKSTART, TINY, assert_trees_close, final_params, load_config, run_main
 
+from receding_jax import main
 from receding_jax.training import experiment
 from receding_jax.training.workdir_files import WorkdirLockedError
 
@@ -57,3 +61,29 @@ def test_a_live_run_holds_its_workdir_and_resume_after_kill_ends_with_the_same_p
   whole, resumed = final_params(tmp_path / "whole"), final_params(tmp_path / "killed")
   assert int(resumed["step"]) == 5 * 18
   assert_trees_close(whole, resumed, rtol=1e-6, atol=1e-7)
+
+
+def test_a_ctrl_c_lost_in_a_callback_is_dropped_quietly_and_other_unraisable_errors_still_print():
+  seen = []
+  lost = types.SimpleNamespace(exc_value=KeyboardInterrupt(), exc_type=KeyboardInterrupt)
+  main.quiet_lost_interrupts(lost, report=seen.append)  # The repeated SIGINT delivers it again.
+  other = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"), exc_type=RuntimeError)
+  main.quiet_lost_interrupts(other, report=seen.append)
+  assert seen == [other]
+  # Raised in a garbage-collector callback, where Python can only print it: nothing is printed.
+  printed = subprocess.run([sys.executable, "-c", GC_CALLBACK_INTERRUPT], capture_output=True, text=True, timeout=120)
+  assert printed.returncode == 0 and printed.stdout.strip() == "still running", printed.stderr
+  assert "Traceback" not in printed.stderr and "KeyboardInterrupt" not in printed.stderr
+
+
+GC_CALLBACK_INTERRUPT = """
+import gc, sys
+from receding_jax import main
+sys.unraisablehook = main.quiet_lost_interrupts
+def callback(phase, info):
+  raise KeyboardInterrupt
+gc.callbacks.append(callback)
+gc.collect()
+gc.callbacks.remove(callback)
+print("still running")
+"""
