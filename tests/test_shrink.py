@@ -207,3 +207,14 @@ def test_given_importances_and_max_removed_choose_what_goes_and_the_report_follo
     rj.shrink(model, variables, threshold=0.01, importances={"norm9": np.zeros(8)})
   with pytest.raises(InputError, match="max_removed"):
     rj.shrink(model, variables, threshold=0.01, max_removed=-1)
+
+
+def test_keep_groups_are_left_whole_by_a_shrink():
+  model = LinenNet()
+  variables = model.init(jax.random.key(0), IMAGES[:1])
+  variables = {**variables, "params": recede(variables["params"], ["BoundedScaleNorm_0", "BoundedScaleNorm_1"])}
+  shrunk = rj.shrink(model, variables, threshold=0.01, keep_groups=("BoundedScaleNorm_0",))
+  assert shrunk.removed == {"BoundedScaleNorm_1": 3}
+  stale = {"BoundedScaleNorm_0": np.zeros(8), "BoundedScaleNorm_1": np.full(8, np.inf)}
+  kept_whole = rj.shrink(model, variables, threshold=0.01, importances=stale, keep_groups=("BoundedScaleNorm_0",))
+  assert kept_whole.removed == {}

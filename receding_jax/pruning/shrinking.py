@@ -11,7 +11,7 @@ as they are (the same objects), so a loop can call it every few epochs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -40,18 +40,19 @@ class Shrunk(NamedTuple):
 
 
 def _masks(traced: Traced, threshold: float | None, ratio: float | None, masks: Mapping[str, Any] | None,
-           rule: criteria.KeepRule, prune_streams: bool, max_removed: int | None) -> Masks:
+           rule: criteria.KeepRule, prune_streams: bool, max_removed: int | None, keep_groups: Sequence[str]) -> Masks:
   given = [name for name, v in (("threshold", threshold), ("ratio", ratio), ("masks", masks)) if v is not None]
   if len(given) != 1:
     raise InputError(f"shrink takes exactly one of threshold, ratio and masks, got {given or 'none'}")
   if masks is not None:
     return dict(masks)
-  chosen = _choose(traced, ratio, None, threshold, "global", rule.min_channels, rule.multiple, prune_streams, False)
+  chosen = _choose(traced, ratio, None, threshold, "global", rule.min_channels, rule.multiple, prune_streams, False,
+                   keep_groups)
   if max_removed is None:
     return chosen
   if isinstance(max_removed, bool) or not isinstance(max_removed, (int, np.integer)) or max_removed < 0:
     raise InputError(f"max_removed must be an int >= 0, got {max_removed!r}")
-  groups = [g for g in criteria.selected(traced.groups, prune_streams, False) if g.name in chosen]
+  groups = [g for g in criteria.selected(traced.groups, prune_streams, False, keep_groups) if g.name in chosen]
   if sum(int(np.size(m) - np.count_nonzero(m)) for m in chosen.values()) <= max_removed:
     return chosen
   # Too many: of the channels the criterion removes, only the max_removed least important go.
@@ -102,6 +103,7 @@ def shrink(
     importances: Mapping[str, Any] | None = None,
     max_removed: int | None = None,
     report: dict[str, int] | None = None,
+    keep_groups: Sequence[str] = (),
 ) -> Shrunk:
   """Removes channels from a model in training and from its optimizer state, by one criterion.
 
@@ -112,7 +114,8 @@ def shrink(
       `nnx.Optimizer`; None to shrink the model alone.
     threshold, ratio, masks: exactly one: keep a channel iff its importance is above `threshold`, prune a
       `ratio` of channels (global scope), or your own {group name: bool [channels]} (see `channel_masks`).
-    min_channels, channel_multiple, prune_streams, inputs, apply_kwargs, rules: as for `prune_params`.
+    min_channels, channel_multiple, prune_streams, inputs, apply_kwargs, rules, keep_groups: as for
+      `prune_params`.
     check: verify the narrow model against the wide one with the removed channels zeroed.
     importances: {norm path (as `neuron_importances` names it): float [channels]} scoring those norms
       instead of their own scales (+inf keeps a channel): e.g. a training loop's patience, which lets a
@@ -130,10 +133,10 @@ def shrink(
   traced = trace(model, variables, inputs, apply_kwargs, rules)
   if importances is not None:
     traced = rescored(traced, importances)
-    if masks is None and not criteria.selected(traced.groups, prune_streams, False):
+    if masks is None and not criteria.selected(traced.groups, prune_streams, False, keep_groups):
       return Shrunk(model, nnx.state(model) if traced.kind == "nnx" else variables, opt_state, {}, {})  # All kept.
   rule = criteria.KeepRule(min_channels, channel_multiple)
-  chosen = _masks(traced, threshold, ratio, masks, rule, prune_streams, max_removed)
+  chosen = _masks(traced, threshold, ratio, masks, rule, prune_streams, max_removed, keep_groups)
   keep = check_masks(traced, chosen)
   if report is not None:
     macs = criteria.mac_model(traced.coupling)
