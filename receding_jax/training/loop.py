@@ -4,7 +4,6 @@ metrics (`metric_writer`, the workdir's files) and resumption."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -181,6 +180,7 @@ def _start(config: ml_collections.ConfigDict, build: Callable[[Mapping[str, Any]
   if config.shrink.enabled:
     variables = jax.device_get({k: state[k] for k in ("params", "batch_stats")})
     book = shrinking.new_book(spec, variables, config.prune.prune_streams)
+    _know_macs(spec, book["macs"])  # Counted by the same trace.
   return _Run(spec, trainer, state, book), manager
 
 
@@ -254,16 +254,22 @@ def _feeds(config: ml_collections.ConfigDict) -> tuple[str, jax.sharding.Mesh, d
   return placement, mesh, data.train_feed(config, shards["train"], mesh, placement), eval_feeds, every_epoch
 
 
+#: Multiply-accumulates of one input by model spec (its JSON): traced once per spec, unless a trace that
+#: already counted them (a shrink's, the shrink bookkeeping's) recorded them with `_know_macs`.
+_MACS: dict[str, int] = {}
+
+
+def _know_macs(spec: Mapping[str, Any], macs: int) -> None:
+  _MACS[json.dumps(spec, sort_keys=True)] = int(macs)
+
+
 def _cost(run: _Run) -> dict[str, int]:
   """{'params', 'macs'} of the run's network: parameters, and multiply-accumulates of one input."""
   params = int(sum(np.size(x) for x in jax.tree.leaves(run.state["params"])))
-  return {"params": params, "macs": _macs(json.dumps(run.spec, sort_keys=True))}
-
-
-@functools.lru_cache(maxsize=64)
-def _macs(spec_json: str) -> int:
-  spec = json.loads(spec_json)
-  return pruning.count_macs(model_specs.build_model(spec), model_specs.example_inputs(spec))
+  key = json.dumps(run.spec, sort_keys=True)
+  if key not in _MACS:
+    _know_macs(run.spec, pruning.count_macs(model_specs.build_model(run.spec), model_specs.example_inputs(run.spec)))
+  return {"params": params, "macs": _MACS[key]}
 
 
 def _shrink(config: ml_collections.ConfigDict, build: Callable[[Mapping[str, Any]], Trainer], run: _Run,
@@ -274,7 +280,7 @@ def _shrink(config: ml_collections.ConfigDict, build: Callable[[Mapping[str, Any
   the epoch's record gains: the evaluation of the narrow network (what its checkpoint holds) and the
   shrink's channels and before/after metrics."""
   run.book = {**run.book, "counts": shrinking.counted(run.book["counts"], importances, config.shrink.threshold)}
-  if not shrinking.budget(config, run.book) or not np.any(run.book["counts"] >= config.shrink.patience):
+  if not shrinking.due(config, run.book):
     return {}
   host = jax.device_get({k: run.state[k] for k in ("params", "batch_stats", "opt_state")})
   done = shrinking.shrink_state(config, run.spec, {k: host[k] for k in ("params", "batch_stats")},
@@ -287,6 +293,7 @@ def _shrink(config: ml_collections.ConfigDict, build: Callable[[Mapping[str, Any
   replicated = NamedSharding(trainer.mesh, P())
   state = {**run.state, **done.variables, "opt_state": done.opt_state}
   run.spec, run.trainer, run.book = done.spec, trainer, done.book
+  _know_macs(done.spec, done.counts["macs_after"])  # The shrink's trace counted them (mac_model, exact).
   run.state = jax.device_put({k: state[k] for k in ("params", "batch_stats", "opt_state", "step", "rng")}, replicated)
   after = evaluate_feeds(trainer, run.state, {r: f for r, f in feeds.items() if f"{r}_loss" in before})
   print(console.shrink_line(int(summary["epoch"]), done.removed, done.counts, before, after), flush=True)

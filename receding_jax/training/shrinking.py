@@ -115,19 +115,23 @@ def budget(config: ml_collections.ConfigDict, book: Mapping[str, Any]) -> int:
   return max(int(np.floor(config.shrink.max_ratio * int(book["prunable"]))) - int(book["removed"]), 0)
 
 
+def due(config: ml_collections.ConfigDict, book: Mapping[str, Any]) -> bool:
+  """Whether a check with `book`'s counts (already updated) may remove anything: budget is left and some
+  channel stayed low for `patience` checks. Cheap: a run fetches its state and traces only when due."""
+  return budget(config, book) > 0 and bool(np.any(np.asarray(book["counts"]) >= config.shrink.patience))
+
+
 def shrink_state(config: ml_collections.ConfigDict, spec: Mapping[str, Any], variables: Mapping[str, Any],
                  opt_state: Any, importances: Mapping[str, Any], book: Mapping[str, Any]) -> Shrink | None:
   """Removes the channels of `variables` (host {'params', 'batch_stats'}) whose counts in `book` (already
-  updated by this check) reached the patience, within the budget; None when none goes."""
+  updated by this check) reached the patience, within the budget; None when none goes (always, when the
+  check is not `due`: call it only then, it traces the model)."""
   s, p = config.shrink, config.prune
-  allowed = budget(config, book)
-  if allowed == 0 or not np.any(np.asarray(book["counts"]) >= s.patience):
-    return None
   model = model_specs.build_model(spec)
   report: dict[str, Any] = {}
   shrunk = pruning.shrink(
       model, dict(variables), opt_state, threshold=float(s.threshold),
-      importances=eligible(book["counts"], importances, s.patience), max_removed=allowed,
+      importances=eligible(book["counts"], importances, s.patience), max_removed=budget(config, book),
       min_channels=p.min_channels, channel_multiple=p.channel_multiple, prune_streams=p.prune_streams,
       inputs=model_specs.example_inputs(spec), report=report, keep_groups=_kept_whole(model))
   if not shrunk.removed:
