@@ -25,7 +25,7 @@ from receding_jax.errors import InputError
 from receding_jax.importances import neuron_importances
 from receding_jax.training import checkpointing, evaluation, model_specs, workdir_files
 from receding_jax.training import workdir as wd
-from receding_jax.training.shrinking import BOOK_KEY, SHRUNK_KEY
+from receding_jax.training.shrinking import BOOK_KEY, SHRUNK_KEY, kept_whole
 
 
 def prune_checkpoint(
@@ -72,9 +72,10 @@ def prune_checkpoint(
                "threshold": threshold, "scope": scope, "min_channels": min_channels,
                "channel_multiple": channel_multiple, "prune_streams": prune_streams}  # As given.
   if shrunk:  # Narrowed while it trained: the criterion counts the unshrunk network's channels and MACs.
-    ratio, mac_reduction = unshrunk_criterion(state[BOOK_KEY], ratio, mac_reduction,
-                                              pruning.count_macs(model, inputs, variables=variables))
-  keep_groups = getattr(model, "PAPER_UNPRUNED", ())  # A zoo ResNet-50's stem (docs/method.md section 6).
+    macs_now = pruning.count_macs(model, inputs, variables=variables)
+    ratio, mac_reduction = unshrunk_criterion(state[BOOK_KEY], ratio, mac_reduction, macs_now)
+    _, flop_reduction = unshrunk_criterion(state[BOOK_KEY], None, flop_reduction, macs_now)  # Its old spelling.
+  keep_groups = kept_whole(model)
   narrow_model, narrow_variables = pruning.prune_params(
       model, variables, ratio, inputs=inputs, scope=scope, min_channels=min_channels, keep_groups=keep_groups,
       mac_reduction=mac_reduction, threshold=threshold, channel_multiple=channel_multiple,

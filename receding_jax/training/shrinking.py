@@ -38,15 +38,15 @@ def is_check(config: ml_collections.ConfigDict, epochs_done: int) -> bool:
           and (epochs_done - s.start_epoch) % s.every_epochs == 0)
 
 
-def _kept_whole(model: Any) -> tuple[str, ...]:
+def kept_whole(model: Any) -> tuple[str, ...]:
   """The groups a zoo model's criterion leaves whole (a ResNet-50's stem: docs/method.md section 6), for the
-  budget and for every shrink alike."""
+  budget, every shrink and the prune phase alike."""
   return getattr(model, "PAPER_UNPRUNED", ())
 
 
 def _selected(model: Any, variables: Any, spec: Mapping[str, Any], prune_streams: bool):
   traced = pruning.trace(model, variables, model_specs.example_inputs(spec))
-  return traced, pruning.criteria.selected(traced.groups, prune_streams, False, _kept_whole(model))
+  return traced, pruning.criteria.selected(traced.groups, prune_streams, False, kept_whole(model))
 
 
 def new_book(spec: Mapping[str, Any], variables: Mapping[str, Any], prune_streams: bool) -> dict[str, np.ndarray]:
@@ -133,7 +133,7 @@ def shrink_state(config: ml_collections.ConfigDict, spec: Mapping[str, Any], var
       model, dict(variables), opt_state, threshold=float(s.threshold),
       importances=eligible(book["counts"], importances, s.patience), max_removed=budget(config, book),
       min_channels=p.min_channels, channel_multiple=p.channel_multiple, prune_streams=p.prune_streams,
-      inputs=model_specs.example_inputs(spec), report=report, keep_groups=_kept_whole(model))
+      inputs=model_specs.example_inputs(spec), report=report, keep_groups=kept_whole(model))
   if not shrunk.removed:
     return None
   kept = report["kept"]
